@@ -1,0 +1,1 @@
+"""hfl_trainer."""
