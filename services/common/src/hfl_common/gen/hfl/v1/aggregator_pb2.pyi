@@ -72,6 +72,12 @@ class PrivacyConfig(_message.Message):
     noise_multiplier: float
     def __init__(self, clip_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ...) -> None: ...
 
+class GetTaskResponse(_message.Message):
+    __slots__ = ("task",)
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    task: Task
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
+
 class Task(_message.Message):
     __slots__ = ("task_id", "kind", "round", "model_version", "update_kind", "local_epochs", "local_steps", "batch_size", "learning_rate", "proximal_mu", "update_encoding", "privacy", "deadline_unix_ms", "seed", "message")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -126,7 +132,7 @@ class ModelHeader(_message.Message):
     tensors: _tensor_pb2.TensorStreamHeader
     def __init__(self, round: _Optional[int] = ..., model_version: _Optional[int] = ..., plan_sha256: _Optional[str] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorStreamHeader, _Mapping]] = ...) -> None: ...
 
-class ModelChunk(_message.Message):
+class DownloadModelResponse(_message.Message):
     __slots__ = ("header", "chunk", "trailer")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -162,7 +168,7 @@ class UpdateHeader(_message.Message):
     tensors: _tensor_pb2.TensorStreamHeader
     def __init__(self, session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., base_model_version: _Optional[int] = ..., kind: _Optional[_Union[UpdateKind, str]] = ..., step: _Optional[int] = ..., num_examples: _Optional[int] = ..., nonce: _Optional[bytes] = ..., train_loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorStreamHeader, _Mapping]] = ...) -> None: ...
 
-class UpdateChunk(_message.Message):
+class UploadUpdateRequest(_message.Message):
     __slots__ = ("header", "chunk", "trailer")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +214,12 @@ class EvaluationReport(_message.Message):
     accuracy: float
     metrics: _containers.ScalarMap[str, float]
     def __init__(self, session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ReportEvaluationRequest(_message.Message):
+    __slots__ = ("report",)
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    report: EvaluationReport
+    def __init__(self, report: _Optional[_Union[EvaluationReport, _Mapping]] = ...) -> None: ...
 
 class ReportEvaluationResponse(_message.Message):
     __slots__ = ()
@@ -273,7 +285,7 @@ class RoundSummary(_message.Message):
     failure_reason: str
     def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., updates: _Optional[int] = ..., model_version: _Optional[int] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ..., eval_examples: _Optional[int] = ..., duration_seconds: _Optional[float] = ..., attempt: _Optional[int] = ..., failure_reason: _Optional[str] = ...) -> None: ...
 
-class StatusResponse(_message.Message):
+class GetStatusResponse(_message.Message):
     __slots__ = ("federation_id", "plan_sha256", "state", "round", "total_rounds", "model_version", "strategy", "model", "trainers", "rounds")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -297,11 +309,11 @@ class StatusResponse(_message.Message):
     rounds: _containers.RepeatedCompositeFieldContainer[RoundSummary]
     def __init__(self, federation_id: _Optional[str] = ..., plan_sha256: _Optional[str] = ..., state: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., model_version: _Optional[int] = ..., strategy: _Optional[str] = ..., model: _Optional[str] = ..., trainers: _Optional[_Iterable[_Union[TrainerStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ...) -> None: ...
 
-class GetTrainerStatusRequest(_message.Message):
+class TrainerServiceGetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class TrainerStatusResponse(_message.Message):
+class TrainerServiceGetStatusResponse(_message.Message):
     __slots__ = ("trainer_id", "label", "state", "round", "model_version", "last_train_loss", "last_eval_accuracy", "num_examples", "aggregator_mrenclave")
     TRAINER_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]

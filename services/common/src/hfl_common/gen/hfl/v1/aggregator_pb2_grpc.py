@@ -43,21 +43,21 @@ class AggregatorServiceStub:
         self.GetTask = channel.unary_unary(
                 '/hfl.v1.AggregatorService/GetTask',
                 request_serializer=hfl_dot_v1_dot_aggregator__pb2.GetTaskRequest.SerializeToString,
-                response_deserializer=hfl_dot_v1_dot_aggregator__pb2.Task.FromString,
+                response_deserializer=hfl_dot_v1_dot_aggregator__pb2.GetTaskResponse.FromString,
                 _registered_method=True)
         self.DownloadModel = channel.unary_stream(
                 '/hfl.v1.AggregatorService/DownloadModel',
                 request_serializer=hfl_dot_v1_dot_aggregator__pb2.DownloadModelRequest.SerializeToString,
-                response_deserializer=hfl_dot_v1_dot_aggregator__pb2.ModelChunk.FromString,
+                response_deserializer=hfl_dot_v1_dot_aggregator__pb2.DownloadModelResponse.FromString,
                 _registered_method=True)
         self.UploadUpdate = channel.stream_unary(
                 '/hfl.v1.AggregatorService/UploadUpdate',
-                request_serializer=hfl_dot_v1_dot_aggregator__pb2.UpdateChunk.SerializeToString,
+                request_serializer=hfl_dot_v1_dot_aggregator__pb2.UploadUpdateRequest.SerializeToString,
                 response_deserializer=hfl_dot_v1_dot_aggregator__pb2.UploadUpdateResponse.FromString,
                 _registered_method=True)
         self.ReportEvaluation = channel.unary_unary(
                 '/hfl.v1.AggregatorService/ReportEvaluation',
-                request_serializer=hfl_dot_v1_dot_aggregator__pb2.EvaluationReport.SerializeToString,
+                request_serializer=hfl_dot_v1_dot_aggregator__pb2.ReportEvaluationRequest.SerializeToString,
                 response_deserializer=hfl_dot_v1_dot_aggregator__pb2.ReportEvaluationResponse.FromString,
                 _registered_method=True)
         self.Leave = channel.unary_unary(
@@ -68,7 +68,7 @@ class AggregatorServiceStub:
         self.GetStatus = channel.unary_unary(
                 '/hfl.v1.AggregatorService/GetStatus',
                 request_serializer=hfl_dot_v1_dot_aggregator__pb2.GetStatusRequest.SerializeToString,
-                response_deserializer=hfl_dot_v1_dot_aggregator__pb2.StatusResponse.FromString,
+                response_deserializer=hfl_dot_v1_dot_aggregator__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
 
 
@@ -130,21 +130,21 @@ def add_AggregatorServiceServicer_to_server(servicer, server):
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
                     request_deserializer=hfl_dot_v1_dot_aggregator__pb2.GetTaskRequest.FromString,
-                    response_serializer=hfl_dot_v1_dot_aggregator__pb2.Task.SerializeToString,
+                    response_serializer=hfl_dot_v1_dot_aggregator__pb2.GetTaskResponse.SerializeToString,
             ),
             'DownloadModel': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadModel,
                     request_deserializer=hfl_dot_v1_dot_aggregator__pb2.DownloadModelRequest.FromString,
-                    response_serializer=hfl_dot_v1_dot_aggregator__pb2.ModelChunk.SerializeToString,
+                    response_serializer=hfl_dot_v1_dot_aggregator__pb2.DownloadModelResponse.SerializeToString,
             ),
             'UploadUpdate': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadUpdate,
-                    request_deserializer=hfl_dot_v1_dot_aggregator__pb2.UpdateChunk.FromString,
+                    request_deserializer=hfl_dot_v1_dot_aggregator__pb2.UploadUpdateRequest.FromString,
                     response_serializer=hfl_dot_v1_dot_aggregator__pb2.UploadUpdateResponse.SerializeToString,
             ),
             'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportEvaluation,
-                    request_deserializer=hfl_dot_v1_dot_aggregator__pb2.EvaluationReport.FromString,
+                    request_deserializer=hfl_dot_v1_dot_aggregator__pb2.ReportEvaluationRequest.FromString,
                     response_serializer=hfl_dot_v1_dot_aggregator__pb2.ReportEvaluationResponse.SerializeToString,
             ),
             'Leave': grpc.unary_unary_rpc_method_handler(
@@ -155,7 +155,7 @@ def add_AggregatorServiceServicer_to_server(servicer, server):
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
                     request_deserializer=hfl_dot_v1_dot_aggregator__pb2.GetStatusRequest.FromString,
-                    response_serializer=hfl_dot_v1_dot_aggregator__pb2.StatusResponse.SerializeToString,
+                    response_serializer=hfl_dot_v1_dot_aggregator__pb2.GetStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -212,7 +212,7 @@ class AggregatorService:
             target,
             '/hfl.v1.AggregatorService/GetTask',
             hfl_dot_v1_dot_aggregator__pb2.GetTaskRequest.SerializeToString,
-            hfl_dot_v1_dot_aggregator__pb2.Task.FromString,
+            hfl_dot_v1_dot_aggregator__pb2.GetTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -239,7 +239,7 @@ class AggregatorService:
             target,
             '/hfl.v1.AggregatorService/DownloadModel',
             hfl_dot_v1_dot_aggregator__pb2.DownloadModelRequest.SerializeToString,
-            hfl_dot_v1_dot_aggregator__pb2.ModelChunk.FromString,
+            hfl_dot_v1_dot_aggregator__pb2.DownloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -265,7 +265,7 @@ class AggregatorService:
             request_iterator,
             target,
             '/hfl.v1.AggregatorService/UploadUpdate',
-            hfl_dot_v1_dot_aggregator__pb2.UpdateChunk.SerializeToString,
+            hfl_dot_v1_dot_aggregator__pb2.UploadUpdateRequest.SerializeToString,
             hfl_dot_v1_dot_aggregator__pb2.UploadUpdateResponse.FromString,
             options,
             channel_credentials,
@@ -292,7 +292,7 @@ class AggregatorService:
             request,
             target,
             '/hfl.v1.AggregatorService/ReportEvaluation',
-            hfl_dot_v1_dot_aggregator__pb2.EvaluationReport.SerializeToString,
+            hfl_dot_v1_dot_aggregator__pb2.ReportEvaluationRequest.SerializeToString,
             hfl_dot_v1_dot_aggregator__pb2.ReportEvaluationResponse.FromString,
             options,
             channel_credentials,
@@ -347,7 +347,7 @@ class AggregatorService:
             target,
             '/hfl.v1.AggregatorService/GetStatus',
             hfl_dot_v1_dot_aggregator__pb2.GetStatusRequest.SerializeToString,
-            hfl_dot_v1_dot_aggregator__pb2.StatusResponse.FromString,
+            hfl_dot_v1_dot_aggregator__pb2.GetStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -371,8 +371,8 @@ class TrainerServiceStub:
         """
         self.GetStatus = channel.unary_unary(
                 '/hfl.v1.TrainerService/GetStatus',
-                request_serializer=hfl_dot_v1_dot_aggregator__pb2.GetTrainerStatusRequest.SerializeToString,
-                response_deserializer=hfl_dot_v1_dot_aggregator__pb2.TrainerStatusResponse.FromString,
+                request_serializer=hfl_dot_v1_dot_aggregator__pb2.TrainerServiceGetStatusRequest.SerializeToString,
+                response_deserializer=hfl_dot_v1_dot_aggregator__pb2.TrainerServiceGetStatusResponse.FromString,
                 _registered_method=True)
 
 
@@ -391,8 +391,8 @@ def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
-                    request_deserializer=hfl_dot_v1_dot_aggregator__pb2.GetTrainerStatusRequest.FromString,
-                    response_serializer=hfl_dot_v1_dot_aggregator__pb2.TrainerStatusResponse.SerializeToString,
+                    request_deserializer=hfl_dot_v1_dot_aggregator__pb2.TrainerServiceGetStatusRequest.FromString,
+                    response_serializer=hfl_dot_v1_dot_aggregator__pb2.TrainerServiceGetStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -421,8 +421,8 @@ class TrainerService:
             request,
             target,
             '/hfl.v1.TrainerService/GetStatus',
-            hfl_dot_v1_dot_aggregator__pb2.GetTrainerStatusRequest.SerializeToString,
-            hfl_dot_v1_dot_aggregator__pb2.TrainerStatusResponse.FromString,
+            hfl_dot_v1_dot_aggregator__pb2.TrainerServiceGetStatusRequest.SerializeToString,
+            hfl_dot_v1_dot_aggregator__pb2.TrainerServiceGetStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

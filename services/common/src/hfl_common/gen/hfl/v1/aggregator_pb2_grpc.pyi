@@ -34,13 +34,13 @@ class AggregatorServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AggregatorServiceAsyncStub: ...
     Join: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.JoinRequest, _aggregator_pb2.JoinResponse]
-    GetTask: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.GetTaskRequest, _aggregator_pb2.Task]
+    GetTask: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.GetTaskRequest, _aggregator_pb2.GetTaskResponse]
     """Long-poll for the next task."""
-    DownloadModel: _grpc.UnaryStreamMultiCallable[_aggregator_pb2.DownloadModelRequest, _aggregator_pb2.ModelChunk]
-    UploadUpdate: _grpc.StreamUnaryMultiCallable[_aggregator_pb2.UpdateChunk, _aggregator_pb2.UploadUpdateResponse]
-    ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.EvaluationReport, _aggregator_pb2.ReportEvaluationResponse]
+    DownloadModel: _grpc.UnaryStreamMultiCallable[_aggregator_pb2.DownloadModelRequest, _aggregator_pb2.DownloadModelResponse]
+    UploadUpdate: _grpc.StreamUnaryMultiCallable[_aggregator_pb2.UploadUpdateRequest, _aggregator_pb2.UploadUpdateResponse]
+    ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.ReportEvaluationRequest, _aggregator_pb2.ReportEvaluationResponse]
     Leave: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.LeaveRequest, _aggregator_pb2.LeaveResponse]
-    GetStatus: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.GetStatusRequest, _aggregator_pb2.StatusResponse]
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.GetStatusRequest, _aggregator_pb2.GetStatusResponse]
 
 @_typing.type_check_only
 class AggregatorServiceAsyncStub(AggregatorServiceStub):
@@ -48,13 +48,13 @@ class AggregatorServiceAsyncStub(AggregatorServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Join: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.JoinRequest, _aggregator_pb2.JoinResponse]  # type: ignore[assignment]
-    GetTask: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.GetTaskRequest, _aggregator_pb2.Task]  # type: ignore[assignment]
+    GetTask: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.GetTaskRequest, _aggregator_pb2.GetTaskResponse]  # type: ignore[assignment]
     """Long-poll for the next task."""
-    DownloadModel: _aio.UnaryStreamMultiCallable[_aggregator_pb2.DownloadModelRequest, _aggregator_pb2.ModelChunk]  # type: ignore[assignment]
-    UploadUpdate: _aio.StreamUnaryMultiCallable[_aggregator_pb2.UpdateChunk, _aggregator_pb2.UploadUpdateResponse]  # type: ignore[assignment]
-    ReportEvaluation: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.EvaluationReport, _aggregator_pb2.ReportEvaluationResponse]  # type: ignore[assignment]
+    DownloadModel: _aio.UnaryStreamMultiCallable[_aggregator_pb2.DownloadModelRequest, _aggregator_pb2.DownloadModelResponse]  # type: ignore[assignment]
+    UploadUpdate: _aio.StreamUnaryMultiCallable[_aggregator_pb2.UploadUpdateRequest, _aggregator_pb2.UploadUpdateResponse]  # type: ignore[assignment]
+    ReportEvaluation: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.ReportEvaluationRequest, _aggregator_pb2.ReportEvaluationResponse]  # type: ignore[assignment]
     Leave: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.LeaveRequest, _aggregator_pb2.LeaveResponse]  # type: ignore[assignment]
-    GetStatus: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.GetStatusRequest, _aggregator_pb2.StatusResponse]  # type: ignore[assignment]
+    GetStatus: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.GetStatusRequest, _aggregator_pb2.GetStatusResponse]  # type: ignore[assignment]
 
 class AggregatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The parameter server. Trainers call everything but GetStatus; operators call GetStatus."""
@@ -71,7 +71,7 @@ class AggregatorServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _aggregator_pb2.GetTaskRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_aggregator_pb2.Task, _abc.Awaitable[_aggregator_pb2.Task]]:
+    ) -> _typing.Union[_aggregator_pb2.GetTaskResponse, _abc.Awaitable[_aggregator_pb2.GetTaskResponse]]:
         """Long-poll for the next task."""
 
     @_abc_1.abstractmethod
@@ -79,19 +79,19 @@ class AggregatorServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _aggregator_pb2.DownloadModelRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_aggregator_pb2.ModelChunk], _abc.AsyncIterator[_aggregator_pb2.ModelChunk]]: ...
+    ) -> _typing.Union[_abc.Iterator[_aggregator_pb2.DownloadModelResponse], _abc.AsyncIterator[_aggregator_pb2.DownloadModelResponse]]: ...
 
     @_abc_1.abstractmethod
     def UploadUpdate(
         self,
-        request_iterator: _MaybeAsyncIterator[_aggregator_pb2.UpdateChunk],
+        request_iterator: _MaybeAsyncIterator[_aggregator_pb2.UploadUpdateRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_aggregator_pb2.UploadUpdateResponse, _abc.Awaitable[_aggregator_pb2.UploadUpdateResponse]]: ...
 
     @_abc_1.abstractmethod
     def ReportEvaluation(
         self,
-        request: _aggregator_pb2.EvaluationReport,
+        request: _aggregator_pb2.ReportEvaluationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_aggregator_pb2.ReportEvaluationResponse, _abc.Awaitable[_aggregator_pb2.ReportEvaluationResponse]]: ...
 
@@ -107,7 +107,7 @@ class AggregatorServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _aggregator_pb2.GetStatusRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_aggregator_pb2.StatusResponse, _abc.Awaitable[_aggregator_pb2.StatusResponse]]: ...
+    ) -> _typing.Union[_aggregator_pb2.GetStatusResponse, _abc.Awaitable[_aggregator_pb2.GetStatusResponse]]: ...
 
 def add_AggregatorServiceServicer_to_server(servicer: AggregatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -118,14 +118,14 @@ class TrainerServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TrainerServiceAsyncStub: ...
-    GetStatus: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.GetTrainerStatusRequest, _aggregator_pb2.TrainerStatusResponse]
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.TrainerServiceGetStatusRequest, _aggregator_pb2.TrainerServiceGetStatusResponse]
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
     """A trainer's own small Status surface, for operators."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    GetStatus: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.GetTrainerStatusRequest, _aggregator_pb2.TrainerStatusResponse]  # type: ignore[assignment]
+    GetStatus: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.TrainerServiceGetStatusRequest, _aggregator_pb2.TrainerServiceGetStatusResponse]  # type: ignore[assignment]
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     """A trainer's own small Status surface, for operators."""
@@ -133,8 +133,8 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def GetStatus(
         self,
-        request: _aggregator_pb2.GetTrainerStatusRequest,
+        request: _aggregator_pb2.TrainerServiceGetStatusRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_aggregator_pb2.TrainerStatusResponse, _abc.Awaitable[_aggregator_pb2.TrainerStatusResponse]]: ...
+    ) -> _typing.Union[_aggregator_pb2.TrainerServiceGetStatusResponse, _abc.Awaitable[_aggregator_pb2.TrainerServiceGetStatusResponse]]: ...
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13hfl/v1/tensor.proto\x12\x06hfl.v1\"G\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1c\n\x05\x64type\x18\x02 \x01(\x0e\x32\r.hfl.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"{\n\rEncodedTensor\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.hfl.v1.TensorSpec\x12\"\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x10.hfl.v1.Encoding\x12\r\n\x05scale\x18\x03 \x01(\x02\x12\x15\n\rencoded_bytes\x18\x04 \x01(\x04\"f\n\x12TensorStreamHeader\x12&\n\x07tensors\x18\x01 \x03(\x0b\x32\x15.hfl.v1.EncodedTensor\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\"+\n\x0bTensorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\":\n\x13TensorStreamTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04*\xae\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT64\x10\x02\x12\x0f\n\x0b\x44TYPE_INT32\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x11\n\rDTYPE_FLOAT16\x10\x05\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x06\x12\x0e\n\nDTYPE_INT8\x10\x07\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x08*v\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x14\n\x10\x45NCODING_FLOAT16\x10\x02\x12\x15\n\x11\x45NCODING_BFLOAT16\x10\x03\x12\x11\n\rENCODING_INT8\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13hfl/v1/tensor.proto\x12\x06hfl.v1\"J\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.hfl.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x03\"{\n\rEncodedTensor\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.hfl.v1.TensorSpec\x12\"\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x10.hfl.v1.Encoding\x12\r\n\x05scale\x18\x03 \x01(\x02\x12\x15\n\rencoded_bytes\x18\x04 \x01(\x04\"f\n\x12TensorStreamHeader\x12&\n\x07tensors\x18\x01 \x03(\x0b\x32\x15.hfl.v1.EncodedTensor\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\"+\n\x0bTensorChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\":\n\x13TensorStreamTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04*\xd5\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x02\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x04\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x05\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x06\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x07\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x08*v\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x14\n\x10\x45NCODING_FLOAT16\x10\x02\x12\x15\n\x11\x45NCODING_BFLOAT16\x10\x03\x12\x11\n\rENCODING_INT8\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hfl.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=439
-  _globals['_DTYPE']._serialized_end=613
-  _globals['_ENCODING']._serialized_start=615
-  _globals['_ENCODING']._serialized_end=733
+  _globals['_DATATYPE']._serialized_start=442
+  _globals['_DATATYPE']._serialized_end=655
+  _globals['_ENCODING']._serialized_start=657
+  _globals['_ENCODING']._serialized_end=775
   _globals['_TENSORSPEC']._serialized_start=31
-  _globals['_TENSORSPEC']._serialized_end=102
-  _globals['_ENCODEDTENSOR']._serialized_start=104
-  _globals['_ENCODEDTENSOR']._serialized_end=227
-  _globals['_TENSORSTREAMHEADER']._serialized_start=229
-  _globals['_TENSORSTREAMHEADER']._serialized_end=331
-  _globals['_TENSORCHUNK']._serialized_start=333
-  _globals['_TENSORCHUNK']._serialized_end=376
-  _globals['_TENSORSTREAMTRAILER']._serialized_start=378
-  _globals['_TENSORSTREAMTRAILER']._serialized_end=436
+  _globals['_TENSORSPEC']._serialized_end=105
+  _globals['_ENCODEDTENSOR']._serialized_start=107
+  _globals['_ENCODEDTENSOR']._serialized_end=230
+  _globals['_TENSORSTREAMHEADER']._serialized_start=232
+  _globals['_TENSORSTREAMHEADER']._serialized_end=334
+  _globals['_TENSORCHUNK']._serialized_start=336
+  _globals['_TENSORCHUNK']._serialized_end=379
+  _globals['_TENSORSTREAMTRAILER']._serialized_start=381
+  _globals['_TENSORSTREAMTRAILER']._serialized_end=439
 # @@protoc_insertion_point(module_scope)
