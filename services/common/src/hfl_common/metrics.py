@@ -1,0 +1,127 @@
+"""Prometheus metrics of the gRPC edge, and the HTTP endpoint that serves a registry.
+
+Everything is registered on a `CollectorRegistry` the caller passes in (tests use a fresh
+one; a service builds one in main()), never on prometheus_client's global registry.
+
+Metrics are served over plain HTTP on their own port, the Prometheus norm. They carry no
+secrets: counts, durations and sizes per gRPC method and status code, and the build
+version; never a peer identity, a model value, a key or a message. Bind the port to an
+interface only the monitoring network reaches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LOG = logging.getLogger(__name__)
+
+# From a 1 ms health check to a 10-minute long model stream.
+DURATION_BUCKETS_SECONDS = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+
+
+class GrpcServerMetrics:
+    """Per-method request counts, durations and message bytes of one gRPC server.
+
+    Labels: `service` is the full gRPC service name ("hfl.v1.AggregatorService"), `method`
+    the method name ("Join"), `code` the status code name ("OK", "PERMISSION_DENIED").
+    Bytes are serialized message sizes, every streamed message counted.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "hfl_grpc_requests_total",
+            "gRPC calls finished, by final status code.",
+            ("service", "method", "code"),
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "hfl_grpc_request_duration_seconds",
+            "Time from the start of a gRPC call to its last response message.",
+            ("service", "method"),
+            buckets=DURATION_BUCKETS_SECONDS,
+            registry=registry,
+        )
+        self.received_bytes = Counter(
+            "hfl_grpc_received_bytes_total",
+            "Serialized size of the request messages received.",
+            ("service", "method"),
+            registry=registry,
+        )
+        self.sent_bytes = Counter(
+            "hfl_grpc_sent_bytes_total",
+            "Serialized size of the response messages sent.",
+            ("service", "method"),
+            registry=registry,
+        )
+
+    def received(self, service: str, method: str, size: int) -> None:
+        self.received_bytes.labels(service, method).inc(size)
+
+    def sent(self, service: str, method: str, size: int) -> None:
+        self.sent_bytes.labels(service, method).inc(size)
+
+    def finished(
+        self, service: str, method: str, code: grpc.StatusCode, duration_seconds: float
+    ) -> None:
+        self.requests.labels(service, method, code.name).inc()
+        self.duration.labels(service, method).observe(duration_seconds)
+
+
+def register_build_info(registry: CollectorRegistry, service: str, version: str) -> Gauge:
+    """`hfl_build_info{service,version} 1`: which build of which service is running."""
+    gauge = Gauge(
+        "hfl_build_info",
+        "Always 1; the labels say which service and version is running.",
+        ("service", "version"),
+        registry=registry,
+    )
+    gauge.labels(service, version).set(1)
+    return gauge
+
+
+def start_metrics_http(
+    registry: CollectorRegistry, host: str, port: int
+) -> tuple[int, Callable[[], None]]:
+    """Serve `registry` at http://host:port/metrics; return the bound port and a stop function.
+
+    Port 0 picks a free port. The stop function shuts the server down, closes its socket
+    and joins its thread; calling it twice is harmless. Plain HTTP: see the module doc.
+    """
+    httpd, thread = start_http_server(port, addr=host, registry=registry)
+    bound = int(httpd.server_port)
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        if stopped:
+            return
+        stopped = True
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5.0)
+        _LOG.info("metrics endpoint on %s:%d stopped", host, bound)
+
+    _LOG.info("metrics on http://%s:%d/metrics", host, bound)
+    return bound, stop
