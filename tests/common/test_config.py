@@ -26,7 +26,7 @@ initial_weights_sha256 = "{SHA}"
 
 [strategy]
 name = "fedadam"
-server_learning_rate = 0.01
+server_lr = 0.01
 beta1 = 0.9
 """
 
@@ -57,7 +57,7 @@ def test_plan_parses_with_defaults_and_resolves_weights_path(tmp_path: Path) -> 
     assert plan.rounds == 5
     assert plan.min_updates == 2
     assert plan.strategy.name == "fedadam"
-    assert plan.strategy.params == {"server_learning_rate": 0.01, "beta1": 0.9}
+    assert plan.strategy.params == {"server_lr": 0.01, "beta1": 0.9}
     assert plan.model.initial_weights == tmp_path / "init.npz"
     assert plan.update_kind == "delta"
     assert plan.data.dataset == "digits"
@@ -86,7 +86,7 @@ def test_plan_hash_covers_the_initial_weights_digest_not_their_path() -> None:
         (("rounds = 5", "rounds = 0"), "plan: [federation] rounds must be at least 1, got 0"),
         (("rounds = 5", 'rounds = "5"'), "plan: [federation] rounds must be an integer"),
         (('name = "fedadam"', 'name = "fedmagic"'), "plan: [strategy] name must be one of"),
-        (("beta1 = 0.9", "betaone = 0.9"), "plan: [strategy] betaone is not a strategy parameter"),
+        (("beta1 = 0.9", "beta1 = [0.9]"), "plan: [strategy] beta1 must be a number or a string"),
         (
             ("num_classes = 10", "num_classes = 10\ncolour = 1"),
             "plan: [model] colour is not a known key",

@@ -12,10 +12,14 @@ interface only the monitoring network reaches.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 _LOG = logging.getLogger(__name__)
 
@@ -102,14 +106,36 @@ def register_build_info(registry: CollectorRegistry, service: str, version: str)
 
 
 def start_metrics_http(
-    registry: CollectorRegistry, host: str, port: int
+    registry: CollectorRegistry,
+    host: str,
+    port: int,
+    *,
+    ready: Callable[[], bool] | None = None,
 ) -> tuple[int, Callable[[], None]]:
     """Serve `registry` at http://host:port/metrics; return the bound port and a stop function.
 
-    Port 0 picks a free port. The stop function shuts the server down, closes its socket
-    and joins its thread; calling it twice is harmless. Plain HTTP: see the module doc.
+    Also serves `/healthz` (200 while the process runs) and `/readyz` (200 when `ready()`
+    says so, e.g. the gRPC health is SERVING; 503 otherwise) for container healthchecks,
+    which cannot speak mTLS. Port 0 picks a free port. The stop function shuts the server
+    down, closes its socket and joins its thread; calling it twice is harmless. Plain
+    HTTP: see the module doc.
     """
-    httpd, thread = start_http_server(port, addr=host, registry=registry)
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path in ("/healthz", "/readyz"):
+            ok = path == "/healthz" or ready is None or ready()
+            start_response(
+                "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")]
+            )
+            return [b"ok\n" if ok else b"not ready\n"]
+        result: Iterable[bytes] = metrics_app(environ, start_response)
+        return result
+
+    httpd = make_server(host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="hfl-metrics-http", daemon=True)
+    thread.start()
     bound = int(httpd.server_port)
     stopped = False
 
@@ -125,3 +151,12 @@ def start_metrics_http(
 
     _LOG.info("metrics on http://%s:%d/metrics", host, bound)
     return bound, stop
+
+
+class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _SilentHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        _LOG.debug("metrics http: " + format, *args)

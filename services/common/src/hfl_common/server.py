@@ -131,6 +131,11 @@ class ServerConfig:
     grace_seconds: float = 10.0
     max_concurrent_rpcs: int | None = None
     version: str = field(default_factory=_package_version)
+    # False only for the attestation service: a fresh enclave has no certificate yet and
+    # proves itself in-band (evidence in IssueCertificate). TLS stays mandatory; calls
+    # from peers without a certificate then skip the authorizer and have no
+    # current_peer(), so every method of such a server must be open to anyone.
+    require_client_auth: bool = True
 
     def __post_init__(self) -> None:
         if not self.service:
@@ -192,8 +197,9 @@ def _certificate_configuration(cert: ServerCertificate) -> grpc.ServerCertificat
 class _RotatingCredentials:
     """Adapts a CredentialsProvider to grpc's certificate-configuration fetcher."""
 
-    def __init__(self, provider: CredentialsProvider) -> None:
+    def __init__(self, provider: CredentialsProvider, *, require_client_auth: bool = True) -> None:
         self._provider = provider
+        self._require_client_auth = require_client_auth
         self._lock = threading.Lock()
         self._current = provider()
 
@@ -202,7 +208,7 @@ class _RotatingCredentials:
             _certificate_configuration(self._current),
             # the stubs say the fetcher may not return None; gRPC documents None as "no change"
             cast(Callable[[], grpc.ServerCertificateConfiguration], self._fetch),
-            require_client_authentication=True,
+            require_client_authentication=self._require_client_auth,
         )
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
@@ -382,8 +388,10 @@ class _CallObserver:
         method: str,
         authorizer: Authorizer | None,
         metrics: GrpcServerMetrics,
+        allow_anonymous: bool = False,
     ) -> None:
         self.method = method
+        self._allow_anonymous = allow_anonymous
         self.service, self.name = _split_method(method)
         self._authorizer = None if self.service in PUBLIC_SERVICES else authorizer
         self._metrics = metrics
@@ -410,6 +418,9 @@ class _CallObserver:
         """Identify and authorize the peer; return the context the handler runs in."""
         auth = cast(dict[str, list[bytes]], context.auth_context())
         pems = auth.get("x509_pem_cert")
+        if not pems and self._allow_anonymous:
+            # ServerConfig.require_client_auth=False: an anonymous TLS peer, no identity.
+            return contextvars.copy_context()
         if not pems:
             raise UnauthenticatedError(
                 f"{self.method} requires a client certificate (mTLS); the peer presented none"
@@ -516,9 +527,15 @@ def _peer(context: grpc.ServicerContext) -> str:
 
 
 class _ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, authorizer: Authorizer | None, metrics: GrpcServerMetrics) -> None:
+    def __init__(
+        self,
+        authorizer: Authorizer | None,
+        metrics: GrpcServerMetrics,
+        allow_anonymous: bool = False,
+    ) -> None:
         self._authorizer = authorizer
         self._metrics = metrics
+        self._allow_anonymous = allow_anonymous
 
     def intercept_service(
         self,
@@ -529,7 +546,13 @@ class _ServerInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return None  # unknown method: gRPC answers UNIMPLEMENTED
         return _wrap_handler(
-            handler, _CallObserver(handler_call_details.method, self._authorizer, self._metrics)
+            handler,
+            _CallObserver(
+                handler_call_details.method,
+                self._authorizer,
+                self._metrics,
+                self._allow_anonymous,
+            ),
         )
 
 
@@ -598,6 +621,7 @@ class RunningServer:
         self._hooks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._stopping = False
+        self._serving = False
         self._stopped = threading.Event()
 
     @property
@@ -613,6 +637,11 @@ class RunningServer:
     def service_names(self) -> tuple[str, ...]:
         return self._service_names
 
+    @property
+    def serving(self) -> bool:
+        """Whether the last set_serving() said SERVING (False while draining)."""
+        return self._serving and not self._stopping
+
     def set_serving(self, serving: bool) -> None:
         """Set every registered service and the overall entry "" to SERVING or NOT_SERVING.
 
@@ -625,6 +654,7 @@ class RunningServer:
         )
         for name in ("", *self._service_names):
             self._health.set(name, status)
+        self._serving = serving
         _LOG.info(
             "health of %s set to %s", self._config.service, "SERVING" if serving else "NOT_SERVING"
         )
@@ -745,7 +775,9 @@ def build_server(
     )
     server = grpc.server(
         executor,
-        interceptors=[_ServerInterceptor(authorizer, metrics)],
+        interceptors=[
+            _ServerInterceptor(authorizer, metrics, allow_anonymous=not config.require_client_auth)
+        ],
         options=options,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
@@ -766,7 +798,9 @@ def build_server(
     if isinstance(credentials, grpc.ServerCredentials):
         server_creds = credentials
     else:
-        server_creds = _RotatingCredentials(credentials).credentials()
+        server_creds = _RotatingCredentials(
+            credentials, require_client_auth=config.require_client_auth
+        ).credentials()
     address = f"{config.host}:{config.port}"
     try:
         port = server.add_secure_port(address, server_creds)

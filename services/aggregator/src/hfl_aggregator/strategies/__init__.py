@@ -1,0 +1,41 @@
+"""Aggregation strategies: pure numpy rules (`aggregate`) behind a small interface (`strategy`)."""
+
+from hfl_aggregator.strategies.strategy import (
+    STRATEGY_NAMES,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedSGD,
+    FedYogi,
+    Krum,
+    Median,
+    MultiKrum,
+    RoundConfig,
+    Strategy,
+    TrimmedMean,
+    UpdateKind,
+    make_strategy,
+    resolve_params,
+)
+
+__all__ = [
+    "STRATEGY_NAMES",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedProx",
+    "FedSGD",
+    "FedYogi",
+    "Krum",
+    "Median",
+    "MultiKrum",
+    "RoundConfig",
+    "Strategy",
+    "TrimmedMean",
+    "UpdateKind",
+    "make_strategy",
+    "resolve_params",
+]
