@@ -1,0 +1,386 @@
+"""The attestation service: verifies SGX evidence under the policy and issues certificates.
+
+`start_attestation_service` is the builder main() and the tests use. At start it
+
+1. unseals (or creates and seals) the federation CA key (hfl_attestation.ca);
+2. generates its own TLS key in the enclave and a SELF-SIGNED RA-TLS certificate for it
+   (quote from the evidence provider, report_data[0:32] = SHA-256(SPKI), Gramine's
+   extensions; DNS SANs ``attestation.hfl.internal`` and the key-pinned name), which
+   clients verify and pin (hfl_common.attest_client.bootstrap_attestation_service);
+3. serves gRPC over TLS with that certificate. Client certificates are not asked for on
+   this port: a fresh enclave has none yet and proves itself in-band with evidence in
+   IssueCertificate. TLS is still mandatory; there is no plaintext port.
+
+RPCs (hfl.v1.AttestationService):
+
+- IssueCertificate: the CSR's self-signature must verify. Enclave roles (attestation,
+  aggregator, trainer) must send evidence (a raw quote, or an RA-TLS certificate) that
+  the QuoteVerifier accepts for that role AND that binds the CSR's key
+  (report_data[0:32] = SHA-256(CSR SPKI), or the TCG DICE claims for it). The operator
+  role sends no evidence: its SPKI SHA-256 must be in the policy's operator list.
+  Refusals: PERMISSION_DENIED with the verdict's reason; unreadable requests or
+  evidence: INVALID_ARGUMENT.
+- VerifyEvidence: the verdict, accepted or not (a refusal is an answer, not an error).
+- GetTrustBundle: CA certificate, this service's RA-TLS certificate, policy SHA-256.
+- GetPolicy: the policy text as loaded, and its SHA-256.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from prometheus_client import CollectorRegistry, Counter
+
+from hfl_attestation.ca import FederationCA, csr_spki_der, load_csr
+from hfl_common.api import attestation_pb2, attestation_pb2_grpc
+from hfl_common.attest_client import (
+    ATTESTATION_ROLE,
+    OPERATOR_ROLE,
+    key_dns_name,
+    role_name,
+    verify_ra_tls_certificate,
+)
+from hfl_common.config import AttestationPolicy
+from hfl_common.errors import EvidenceError, InvalidArgumentError, PermissionDeniedError
+from hfl_common.ratls import (
+    LEGACY_QUOTE_OID,
+    TCG_DICE_TAGGED_EVIDENCE_OID,
+    EnclaveKey,
+    QuoteProvider,
+    QuoteSource,
+    RaTlsCertificate,
+    certificate_pem,
+    make_ra_tls_certificate,
+    parse_ra_tls_certificate,
+    roles_in,
+)
+from hfl_common.sealing import SealingKeySource
+from hfl_common.server import (
+    PeerIdentity,
+    RunningServer,
+    ServerConfig,
+    ServiceRegistration,
+    build_server,
+    role_dns_name,
+)
+from hfl_common.tee.verify import QuoteVerifier, Verdict
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "hfl.v1.AttestationService"
+# The service's own RA-TLS certificate; clients re-bootstrap when it changes (restart).
+SELF_CERTIFICATE_VALIDITY = dt.timedelta(days=30)
+# Evidence that is not readable at all is a malformed request, not a refusal.
+_MALFORMED_CODES = frozenset(
+    {"quote_malformed", "certificate_malformed", "evidence_malformed", "report_data_malformed"}
+)
+
+
+class AttestationMetrics:
+    """hfl_attestation_certificates_issued_total{role} and refusals{role,reason}."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.issued = Counter(
+            "hfl_attestation_certificates_issued_total",
+            "Certificates the federation CA issued, by role",
+            ["role"],
+            registry=registry,
+        )
+        self.refused = Counter(
+            "hfl_attestation_certificate_refusals_total",
+            "Certificate requests refused, by role and reason code",
+            ["role", "reason"],
+            registry=registry,
+        )
+
+
+def _refusal(verdict: Verdict) -> EvidenceError:
+    message = f"evidence refused for role {verdict.role}: {verdict.reason}"
+    if verdict.reason_code in _MALFORMED_CODES:
+        return _MalformedEvidenceError(message, verdict.reason_code)
+    return EvidenceError(message, verdict.reason_code)
+
+
+class _MalformedEvidenceError(EvidenceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _parse_evidence_certificate(der: bytes, role: str) -> RaTlsCertificate:
+    try:
+        return parse_ra_tls_certificate(der)
+    except EvidenceError as exc:
+        raise _MalformedEvidenceError(
+            f"evidence for role {role} is not a usable RA-TLS certificate: {exc}", exc.reason_code
+        ) from None
+
+
+class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
+    """The gRPC handlers; errors are hfl_common.errors, mapped to status codes at the edge."""
+
+    def __init__(
+        self,
+        *,
+        ca: FederationCA,
+        verifier: QuoteVerifier,
+        policy: AttestationPolicy,
+        own_certificate_pem: bytes,
+        metrics: AttestationMetrics,
+    ) -> None:
+        self._ca = ca
+        self._verifier = verifier
+        self._policy = policy
+        self._own_pem = own_certificate_pem
+        self._metrics = metrics
+
+    # -- IssueCertificate -------------------------------------------------------------
+
+    def IssueCertificate(  # noqa: N802 - gRPC method name
+        self, request: attestation_pb2.IssueCertificateRequest, context: grpc.ServicerContext
+    ) -> attestation_pb2.IssueCertificateResponse:
+        role = role_name(request.role)
+        try:
+            return self._issue(request, role)
+        except EvidenceError as exc:
+            self._metrics.refused.labels(role=role, reason=exc.reason_code).inc()
+            raise
+        except PermissionDeniedError as exc:
+            self._metrics.refused.labels(role=role, reason=exc.reason).inc()
+            raise
+
+    def _issue(
+        self, request: attestation_pb2.IssueCertificateRequest, role: str
+    ) -> attestation_pb2.IssueCertificateResponse:
+        csr = load_csr(request.csr)
+        csr_roles = roles_in(csr)
+        if csr_roles and csr_roles != [role]:
+            raise InvalidArgumentError(
+                f"the CSR names role {', '.join(csr_roles)} but the request asks for {role}"
+            )
+        spki_sha = hashlib.sha256(csr_spki_der(csr)).digest()
+        extensions: list[x509.Extension[x509.ExtensionType]] = []
+        if role == OPERATOR_ROLE:
+            if spki_sha not in self._policy.operator_spki_sha256:
+                raise PermissionDeniedError(
+                    f"operator key {spki_sha.hex()} is not in the policy's [operators] "
+                    "spki_sha256 list",
+                    "operator_not_allowed",
+                )
+            verdict = Verdict(True, "ok", "operator key listed in the policy", role)
+        else:
+            verdict, extensions = self._verify_enclave_evidence(request.evidence, role, spki_sha)
+        leaf = self._ca.issue(
+            csr,
+            role=role,
+            evidence_extensions=extensions,
+            lifetime_seconds=self._policy.certificate_lifetime_seconds,
+            label=request.label,
+        )
+        self._metrics.issued.labels(role=role).inc()
+        return attestation_pb2.IssueCertificateResponse(
+            certificate_pem=leaf.pem.decode(),
+            ca_certificates_pem=self._ca.pem.decode(),
+            not_after_unix=int(leaf.not_after.timestamp()),
+            verdict=verdict.to_proto(),
+        )
+
+    def _verify_enclave_evidence(
+        self, evidence: attestation_pb2.Evidence, role: str, spki_sha: bytes
+    ) -> tuple[Verdict, list[x509.Extension[x509.ExtensionType]]]:
+        """Verify evidence binding the CSR key; return the verdict and the extension(s)
+        carrying the verified quote, to be copied into the leaf."""
+        kind = evidence.WhichOneof("kind")
+        if kind == "sgx_quote":
+            quote = bytes(evidence.sgx_quote)
+            verdict = self._verifier.verify_quote(quote, role, report_data_prefix=spki_sha)
+            if not verdict.accepted:
+                raise _refusal(verdict)
+            return verdict, [
+                x509.Extension(
+                    LEGACY_QUOTE_OID, False, x509.UnrecognizedExtension(LEGACY_QUOTE_OID, quote)
+                )
+            ]
+        if kind == "ra_tls_certificate":
+            cert = _parse_evidence_certificate(bytes(evidence.ra_tls_certificate), role)
+            if cert.spki_sha256 != spki_sha:
+                raise PermissionDeniedError(
+                    f"evidence refused for role {role}: the RA-TLS certificate is for key "
+                    f"{cert.spki_sha256.hex()}, not the CSR's key {spki_sha.hex()}",
+                    "report_data_mismatch",
+                )
+            verdict = verify_ra_tls_certificate(cert, self._verifier, role)
+            if not verdict.accepted:
+                raise _refusal(verdict)
+            # Copy the extension whose quote was verified (and only it): a relying party
+            # re-verifies exactly that evidence, bound to this same key.
+            oid = (
+                TCG_DICE_TAGGED_EVIDENCE_OID
+                if cert.quote_source is QuoteSource.TCG_DICE
+                else LEGACY_QUOTE_OID
+            )
+            original = cert.certificate.extensions.get_extension_for_oid(oid)
+            return verdict, [x509.Extension(oid, False, original.value)]
+        raise PermissionDeniedError(
+            f"evidence refused for role {role}: no evidence was sent; enclave roles must send "
+            "an SGX quote or an RA-TLS certificate binding the CSR's key",
+            "evidence_missing",
+        )
+
+    # -- VerifyEvidence ---------------------------------------------------------------
+
+    def VerifyEvidence(  # noqa: N802 - gRPC method name
+        self, request: attestation_pb2.VerifyEvidenceRequest, context: grpc.ServicerContext
+    ) -> attestation_pb2.VerifyEvidenceResponse:
+        role = role_name(request.role)
+        at = int(request.at_unix) or None
+        kind = request.evidence.WhichOneof("kind")
+        if kind == "sgx_quote":
+            verdict = self._verifier.verify_quote(bytes(request.evidence.sgx_quote), role, at=at)
+        elif kind == "ra_tls_certificate":
+            try:
+                cert = parse_ra_tls_certificate(bytes(request.evidence.ra_tls_certificate))
+            except EvidenceError as exc:
+                verdict = Verdict(False, exc.reason_code, str(exc), role)
+            else:
+                verdict = verify_ra_tls_certificate(cert, self._verifier, role, at=at)
+        else:
+            verdict = Verdict(False, "evidence_missing", "the request carries no evidence", role)
+        return attestation_pb2.VerifyEvidenceResponse(verdict=verdict.to_proto())
+
+    # -- trust bundle and policy ------------------------------------------------------
+
+    def GetTrustBundle(  # noqa: N802 - gRPC method name
+        self, request: attestation_pb2.GetTrustBundleRequest, context: grpc.ServicerContext
+    ) -> attestation_pb2.GetTrustBundleResponse:
+        return attestation_pb2.GetTrustBundleResponse(
+            ca_certificates_pem=self._ca.pem.decode(),
+            attestation_certificate_pem=self._own_pem.decode(),
+            policy_sha256=self._policy.sha256.hex(),
+        )
+
+    def GetPolicy(  # noqa: N802 - gRPC method name
+        self, request: attestation_pb2.GetPolicyRequest, context: grpc.ServicerContext
+    ) -> attestation_pb2.GetPolicyResponse:
+        return attestation_pb2.GetPolicyResponse(
+            policy_toml=self._policy.text, policy_sha256=self._policy.sha256.hex()
+        )
+
+
+class OpenAuthorizer:
+    """Every method of the attestation service is open: evidence is checked in-band."""
+
+    def authorize(self, method: str, peer: PeerIdentity) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class AttestationServiceConfig:
+    """How the attestation service runs. Built once in main() and passed down."""
+
+    server: ServerConfig
+    state_dir: Path
+    self_certificate_validity: dt.timedelta = field(default=SELF_CERTIFICATE_VALIDITY)
+
+
+@dataclass
+class RunningAttestationService:
+    """A started attestation service: its server, CA and own RA-TLS certificate."""
+
+    server: RunningServer
+    ca: FederationCA
+    certificate_pem: bytes
+    key_dns_name: str
+    servicer: AttestationServicer
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def target(self) -> str:
+        return self.server.address
+
+    def stop(self, grace: float | None = None) -> None:
+        self.server.stop(grace)
+
+
+def start_attestation_service(
+    config: AttestationServiceConfig,
+    *,
+    policy: AttestationPolicy,
+    verifier: QuoteVerifier,
+    provider: QuoteProvider,
+    sealing: SealingKeySource,
+    registry: CollectorRegistry,
+) -> RunningAttestationService:
+    """Unseal/create the CA, make our RA-TLS certificate, serve; SERVING when done."""
+    if config.server.require_client_auth:
+        raise InvalidArgumentError(
+            "the attestation service's ServerConfig must set require_client_auth=False: "
+            "enclaves without a certificate prove themselves in-band"
+        )
+    ca = FederationCA.load_or_create(config.state_dir, sealing)
+    key = EnclaveKey.generate()
+    pinned_name = key_dns_name(key.spki_sha256)
+    der = make_ra_tls_certificate(
+        key,
+        provider,
+        common_name="hfl attestation service",
+        dns_names=(role_dns_name(ATTESTATION_ROLE), pinned_name),
+        role=ATTESTATION_ROLE,
+        validity=config.self_certificate_validity,
+    )
+    own_pem = certificate_pem(der)
+    own_verdict = verify_ra_tls_certificate(
+        parse_ra_tls_certificate(der), verifier, ATTESTATION_ROLE
+    )
+    if not own_verdict.accepted:
+        logger.warning(
+            "this attestation service's own evidence is refused by its policy "
+            "(%s: %s); clients holding the same policy will refuse it too",
+            own_verdict.reason_code,
+            own_verdict.reason,
+        )
+    servicer = AttestationServicer(
+        ca=ca,
+        verifier=verifier,
+        policy=policy,
+        own_certificate_pem=own_pem,
+        metrics=AttestationMetrics(registry),
+    )
+    credentials = grpc.ssl_server_credentials(
+        [(key.private_key_pem_for_grpc(), own_pem)], require_client_auth=False
+    )
+    server = build_server(
+        config.server,
+        services=[
+            ServiceRegistration(
+                name=SERVICE_NAME,
+                servicer=servicer,
+                add_to_server=attestation_pb2_grpc.add_AttestationServiceServicer_to_server,
+            )
+        ],
+        credentials=credentials,
+        registry=registry,
+        authorizer=OpenAuthorizer(),
+    )
+    server.set_serving(True)
+    logger.info(
+        "attestation service serving on %s (CA %s, own key name %s, policy %s)",
+        server.address,
+        ca.fingerprint_sha256[:16],
+        pinned_name,
+        policy.sha256.hex()[:16],
+    )
+    return RunningAttestationService(
+        server=server,
+        ca=ca,
+        certificate_pem=own_pem,
+        key_dns_name=pinned_name,
+        servicer=servicer,
+    )

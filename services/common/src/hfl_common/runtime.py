@@ -1,0 +1,233 @@
+"""What every service's main() does the same way: flags, the TEE, attested credentials.
+
+A service main builds, in order: its flags (each also read from HFL_<FLAG>),
+logging, the policy, an `Enclave` (evidence provider, sealing keys and quote
+verifier for the chosen TEE), then its attested credentials from the
+attestation service (verified and pinned first), then its gRPC server. Errors
+a user can cause end as one line on stderr and exit code 2 (`run_main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from hfl_common.attest_client import (
+    IssuedCertificate,
+    PeerVerifier,
+    PinnedAttestationService,
+    Renewer,
+    ServiceCredentials,
+    bootstrap_attestation_service,
+    obtain_certificate,
+)
+from hfl_common.config import AttestationPolicy, TrustRoot, load_policy
+from hfl_common.errors import ConfigError, HflError
+from hfl_common.ratls import EnclaveKey
+from hfl_common.sealing import GramineSealingKeys, SealingKeySource, SimulatedSealingKeys
+from hfl_common.tee import (
+    CachedCollateral,
+    CollateralSource,
+    DirectoryCollateral,
+    EnclaveIdentity,
+    EvidenceProvider,
+    GramineProvider,
+    PccsCollateral,
+    QuoteVerifier,
+    SimulatedPlatform,
+    SimulatedProvider,
+)
+from hfl_common.tee.identities import service_identity
+
+log = logging.getLogger(__name__)
+
+_SEALING_SECRET = "sealing_secret"  # noqa: S105 (a file name, not a secret)
+
+
+def env_defaults(parser: argparse.ArgumentParser, prefix: str = "HFL_") -> None:
+    """Let every --flag default to the environment variable HFL_FLAG (dashes as _)."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help",):
+            continue
+        value = os.environ.get(prefix + action.dest.upper())
+        if value is None:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            action.default = value.lower() in ("1", "true", "yes", "on")
+        else:
+            action.default = action.type(value) if callable(action.type) else value
+        action.required = False
+
+
+def add_enclave_flags(parser: argparse.ArgumentParser, *, listen: str, metrics_listen: str) -> None:
+    g = parser.add_argument_group("service")
+    g.add_argument("--listen", default=listen, help=f"gRPC address (default {listen})")
+    g.add_argument(
+        "--metrics-listen",
+        default=metrics_listen,
+        help=f"Prometheus /metrics and /readyz HTTP address (default {metrics_listen})",
+    )
+    g.add_argument("--state-dir", type=Path, default=Path("state"), help="sealed state")
+    g.add_argument("--port-file", type=Path, help="write the bound ports here as JSON once serving")
+    g.add_argument("--log-level", default="INFO")
+    g.add_argument("--log-json", action="store_true", help="JSON log lines even on a terminal")
+    t = parser.add_argument_group("attestation")
+    t.add_argument("--policy", type=Path, required=True, help="the agreed policy (TOML)")
+    t.add_argument("--tee", choices=("gramine", "simulated"), default="gramine")
+    t.add_argument("--sim-platform", type=Path, help="simulated platform directory")
+    t.add_argument("--collateral-dir", type=Path, help="offline collateral directory")
+    t.add_argument("--pccs-url", help="PCCS to fetch collateral from")
+    t.add_argument("--isv-svn", type=int, default=1, help="simulated ISV_SVN (default 1)")
+
+
+@dataclass(frozen=True)
+class EnclaveOptions:
+    role: str
+    tee: str
+    policy_path: Path
+    sim_platform: Path | None
+    collateral_dir: Path | None
+    pccs_url: str | None
+    isv_svn: int
+    state_dir: Path
+
+    @classmethod
+    def from_args(cls, role: str, ns: argparse.Namespace) -> EnclaveOptions:
+        return cls(
+            role=role,
+            tee=ns.tee,
+            policy_path=ns.policy,
+            sim_platform=ns.sim_platform,
+            collateral_dir=ns.collateral_dir,
+            pccs_url=ns.pccs_url,
+            isv_svn=ns.isv_svn,
+            state_dir=ns.state_dir,
+        )
+
+
+def simulated_sealing_secret(platform_dir: Path) -> bytes:
+    """The simulated platform's stand-in for the CPU's sealing fuse key (made once)."""
+    path = platform_dir / _SEALING_SECRET
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+    return path.read_bytes()
+
+
+@dataclass
+class Enclave:
+    """This process's TEE: how it quotes, seals and verifies others."""
+
+    role: str
+    policy: AttestationPolicy
+    provider: EvidenceProvider
+    sealing: SealingKeySource
+    verifier: QuoteVerifier
+    identity: EnclaveIdentity | None
+
+    @classmethod
+    def open(cls, opts: EnclaveOptions, registry: CollectorRegistry | None) -> Enclave:
+        policy = load_policy(opts.policy_path)
+        collateral: CollateralSource
+        if opts.collateral_dir is not None:
+            collateral = DirectoryCollateral(opts.collateral_dir)
+        elif opts.pccs_url:
+            collateral = PccsCollateral(opts.pccs_url)
+        elif opts.tee == "simulated" and opts.sim_platform is not None:
+            collateral = DirectoryCollateral(opts.sim_platform / "collateral")
+        else:
+            raise ConfigError("give --collateral-dir or --pccs-url so quotes can be verified")
+        sim_root: bytes | None = None
+        identity: EnclaveIdentity | None = None
+        provider: EvidenceProvider
+        sealing: SealingKeySource
+        if opts.tee == "simulated":
+            if opts.sim_platform is None:
+                raise ConfigError("--tee simulated needs --sim-platform DIR")
+            platform = SimulatedPlatform.load(opts.sim_platform)
+            identity = service_identity(opts.role, platform, opts.isv_svn)
+            provider = SimulatedProvider(platform, identity)
+            sealing = SimulatedSealingKeys(
+                simulated_sealing_secret(opts.sim_platform), identity.mrenclave
+            )
+            sim_root = platform.root_der
+        else:
+            provider = GramineProvider()
+            sealing = GramineSealingKeys()
+            if policy.trust_root is TrustRoot.SIMULATION:
+                raise ConfigError(
+                    f"{opts.policy_path}: trusts the simulation root, but --tee gramine runs "
+                    'on real SGX; use a policy with root = "intel"'
+                )
+        verifier = QuoteVerifier(
+            policy,
+            CachedCollateral(collateral, registry=registry),
+            simulation_root_der=sim_root,
+            registry=registry,
+        )
+        if identity is not None:
+            log.info(
+                "simulated %s enclave: MRENCLAVE %s, MRSIGNER %s",
+                opts.role,
+                identity.mrenclave.hex(),
+                identity.mrsigner.hex(),
+            )
+        return cls(opts.role, policy, provider, sealing, verifier, identity)
+
+    def attest(
+        self, attestation_target: str, label: str, user_data: bytes = b""
+    ) -> tuple[ServiceCredentials, Renewer, PinnedAttestationService]:
+        """Verify and pin the attestation service, then get our certificate from it."""
+        pinned = bootstrap_attestation_service(attestation_target, self.verifier)
+        key = EnclaveKey.generate()
+
+        def issue() -> IssuedCertificate:
+            # Fresh evidence every time: renewal re-attests this enclave.
+            return obtain_certificate(pinned, key, self.provider, self.role, label, user_data)
+
+        credentials = ServiceCredentials(key, issue())
+        renewer = Renewer(credentials, issue).start()
+        return credentials, renewer, pinned
+
+    def peer_verifier(self) -> PeerVerifier:
+        return PeerVerifier(self.verifier)
+
+
+def write_port_file(path: Path | None, grpc_port: int, metrics_port: int) -> None:
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"grpc": grpc_port, "metrics": metrics_port}))
+    tmp.replace(path)
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"listen address {value!r} must look like HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 (explicit listen address)
+
+
+def run_main(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
+    """Run a main body; a user-facing error becomes one line on stderr and exit code 2."""
+    try:
+        return body(argv)
+    except HflError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
