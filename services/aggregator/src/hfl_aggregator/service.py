@@ -1,0 +1,291 @@
+"""The AggregatorService gRPC servicer: wire format in, round engine calls out.
+
+Handlers stay thin. Who the caller is comes from its attested certificate
+(`current_peer()`, set by the server's interceptor after the role check and
+quote re-verification); the round logic lives in `hfl_aggregator.rounds`; the
+tensor streams go through `hfl_common.codec`, so memory per upload is the
+decoded update plus one chunk, and at most `upload_slots` uploads are decoded
+at a time, whatever the number of trainers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from hfl_aggregator.metrics import AggregatorMetrics
+from hfl_aggregator.rounds import RoundEngine, TaskKind, UpdateMeta
+from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
+from hfl_common.codec import StreamDecoder, check_specs, encode_tensors
+from hfl_common.config import FederationPlan
+from hfl_common.errors import (
+    HflError,
+    InvalidArgumentError,
+    NotFoundError,
+    StreamError,
+    UnauthenticatedError,
+)
+from hfl_common.server import PeerIdentity, current_peer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "hfl.v1.AggregatorService"
+# Long-polls are held at most this long, so proxies and keepalives stay happy.
+MAX_POLL_SECONDS = 30.0
+
+_TASK_KINDS = {
+    TaskKind.TRAIN: aggregator_pb2.TASK_KIND_TRAIN,
+    TaskKind.EVALUATE: aggregator_pb2.TASK_KIND_EVALUATE,
+    TaskKind.WAIT: aggregator_pb2.TASK_KIND_WAIT,
+    TaskKind.DONE: aggregator_pb2.TASK_KIND_DONE,
+}
+_UPDATE_KINDS = {
+    aggregator_pb2.UPDATE_KIND_GRADIENT: "gradient",
+    aggregator_pb2.UPDATE_KIND_DELTA: "delta",
+}
+_ENCODINGS = {
+    "raw": tensor_pb2.ENCODING_RAW,
+    "float16": tensor_pb2.ENCODING_FLOAT16,
+    "bfloat16": tensor_pb2.ENCODING_BFLOAT16,
+    "int8": tensor_pb2.ENCODING_INT8,
+}
+
+# Methods and the roles that may call them: the aggregator's authorization table.
+ALLOWED_ROLES: dict[str, frozenset[str]] = {
+    f"/{SERVICE_NAME}/{m}": frozenset({"trainer"})
+    for m in ("Join", "GetTask", "DownloadModel", "UploadUpdate", "ReportEvaluation", "Leave")
+}
+ALLOWED_ROLES[f"/{SERVICE_NAME}/GetStatus"] = frozenset({"operator"})
+
+
+def encoding_code(name: str) -> int:
+    return _ENCODINGS[name]
+
+
+class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
+    def __init__(
+        self,
+        engine: RoundEngine,
+        plan: FederationPlan,
+        metrics: AggregatorMetrics,
+        model_spec: Sequence[tensor_pb2.TensorSpec],
+        *,
+        mrenclave_of: Callable[[PeerIdentity], str],
+        federation_id: str = "",
+        chunk_bytes: int = 1 << 20,
+        upload_slots: int = 1,
+    ) -> None:
+        self._engine = engine
+        self._plan = plan
+        self._metrics = metrics
+        self._spec = list(model_spec)
+        self._mrenclave_of = mrenclave_of
+        self._federation_id = federation_id or plan.name
+        self._chunk_bytes = chunk_bytes
+        self._uploads = threading.BoundedSemaphore(upload_slots)
+        # An update is the model's size in float32 at most (raw encoding), plus slack.
+        self._max_update_bytes = (
+            sum(int(np.prod(s.shape, dtype=np.int64)) * 8 for s in self._spec) + 4096
+        )
+
+    # ------------------------------------------------------------------ join
+
+    def Join(  # noqa: N802 (gRPC method name)
+        self, request: aggregator_pb2.JoinRequest, context: grpc.ServicerContext
+    ) -> aggregator_pb2.JoinResponse:
+        peer = current_peer()
+        if not peer.peer_id:
+            raise UnauthenticatedError("trainer certificate carries no hfl://id/ SAN")
+        check_specs(self._spec, list(request.model_spec), "trainer model vs the plan's model")
+        session = self._engine.join(
+            peer.peer_id,
+            request.label or peer.peer_id,
+            self._mrenclave_of(peer),
+            request.plan_sha256,
+            int(request.num_examples),
+        )
+        return aggregator_pb2.JoinResponse(
+            trainer_id=peer.peer_id,
+            session_id=session,
+            plan_sha256=self._plan.sha256_hex,
+            total_rounds=self._plan.rounds,
+        )
+
+    def Leave(  # noqa: N802
+        self, request: aggregator_pb2.LeaveRequest, context: grpc.ServicerContext
+    ) -> aggregator_pb2.LeaveResponse:
+        self._engine.leave(request.session_id)
+        return aggregator_pb2.LeaveResponse()
+
+    # ----------------------------------------------------------------- tasks
+
+    def GetTask(  # noqa: N802
+        self, request: aggregator_pb2.GetTaskRequest, context: grpc.ServicerContext
+    ) -> aggregator_pb2.GetTaskResponse:
+        wait = min(float(request.wait_seconds), MAX_POLL_SECONDS)
+        task = self._engine.next_task(request.session_id, wait)
+        t = self._plan.training
+        msg = aggregator_pb2.Task(
+            task_id=task.task_id,
+            kind=_TASK_KINDS[task.kind],
+            round=task.round,
+            model_version=task.model_version,
+            message=task.message,
+        )
+        if task.kind is TaskKind.TRAIN:
+            config = self._engine.strategy.configure_round(task.round)
+            msg.update_kind = (
+                aggregator_pb2.UPDATE_KIND_GRADIENT
+                if self._plan.update_kind == "gradient"
+                else aggregator_pb2.UPDATE_KIND_DELTA
+            )
+            msg.local_epochs = t.local_epochs
+            msg.local_steps = 1 if self._plan.update_kind == "gradient" else t.local_steps
+            msg.batch_size = t.batch_size
+            msg.learning_rate = t.learning_rate
+            msg.proximal_mu = float(getattr(config, "proximal_mu", 0.0))
+            msg.update_encoding = encoding_code(self._plan.update.encoding)  # type: ignore[assignment]
+            msg.privacy.clip_norm = self._plan.privacy.clip_norm
+            msg.privacy.noise_multiplier = self._plan.privacy.noise_multiplier
+            msg.deadline_unix_ms = int(task.deadline * 1000)
+            msg.seed = task.seed
+        elif task.kind is TaskKind.EVALUATE:
+            msg.deadline_unix_ms = int(task.deadline * 1000)
+        return aggregator_pb2.GetTaskResponse(task=msg)
+
+    # --------------------------------------------------------------- streams
+
+    def DownloadModel(  # noqa: N802
+        self, request: aggregator_pb2.DownloadModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[aggregator_pb2.DownloadModelResponse]:
+        self._engine.trainer_of(request.session_id)
+        completed, version, weights = self._engine.model()
+        if request.model_version not in (0, version):
+            raise NotFoundError(
+                f"model version {request.model_version} is not available; the current "
+                f"global model is version {version}"
+            )
+        stream = encode_tensors(weights, tensor_pb2.ENCODING_RAW, chunk_bytes=self._chunk_bytes)
+        yield aggregator_pb2.DownloadModelResponse(
+            header=aggregator_pb2.ModelHeader(
+                round=completed,
+                model_version=version,
+                plan_sha256=self._plan.sha256_hex,
+                tensors=stream.header,
+            )
+        )
+        for chunk in stream.chunks():
+            self._metrics.update_bytes.labels(direction="out").inc(len(chunk.data))
+            yield aggregator_pb2.DownloadModelResponse(chunk=chunk)
+        yield aggregator_pb2.DownloadModelResponse(trailer=stream.trailer())
+
+    def UploadUpdate(  # noqa: N802
+        self,
+        request_iterator: Iterator[aggregator_pb2.UploadUpdateRequest],
+        context: grpc.ServicerContext,
+    ) -> aggregator_pb2.UploadUpdateResponse:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise StreamError("an update stream must start with its header")
+        h = first.header
+        kind = _UPDATE_KINDS.get(h.kind)
+        if kind is None:
+            raise InvalidArgumentError(f"update kind {h.kind} is not GRADIENT or DELTA")
+        ticket = self._engine.check_update(
+            UpdateMeta(
+                session_id=h.session_id,
+                task_id=h.task_id,
+                round=h.round,
+                base_model_version=h.base_model_version,
+                kind=kind,
+                num_examples=h.num_examples,
+                nonce=bytes(h.nonce),
+                train_loss=h.train_loss,
+                train_accuracy=h.train_accuracy,
+            )
+        )
+        try:
+            with self._uploads:
+                arrays = self._receive(h.tensors, request_iterator)
+        except HflError as exc:
+            self._engine.refuse(ticket.trainer_id, exc)
+            raise
+        round_number, version = self._engine.accept_update(ticket, arrays)
+        return aggregator_pb2.UploadUpdateResponse(
+            accepted=True, round=round_number, model_version=version
+        )
+
+    def _receive(
+        self,
+        header: tensor_pb2.TensorStreamHeader,
+        parts: Iterator[aggregator_pb2.UploadUpdateRequest],
+    ) -> dict[str, np.ndarray]:
+        decoder = StreamDecoder(header, expected=self._spec, max_total_bytes=self._max_update_bytes)
+        for part in _guarded(parts, decoder):
+            which = part.WhichOneof("part")
+            if which == "chunk":
+                decoder.feed(part.chunk)
+                self._metrics.update_bytes.labels(direction="in").inc(len(part.chunk.data))
+            elif which == "trailer":
+                arrays = decoder.finish(part.trailer)
+                if next(_guarded(parts, decoder), None) is not None:
+                    raise StreamError("messages after the trailer: the update stream is corrupt")
+                return arrays
+            else:
+                raise StreamError(f"unexpected {which or 'empty'} message inside an update stream")
+        raise StreamError(
+            f"update stream ended after {decoder.received_bytes} of {decoder.total_bytes} "
+            "bytes without a trailer: the trainer disconnected mid-stream"
+        )
+
+    # ------------------------------------------------------------ evaluation
+
+    def ReportEvaluation(  # noqa: N802
+        self, request: aggregator_pb2.ReportEvaluationRequest, context: grpc.ServicerContext
+    ) -> aggregator_pb2.ReportEvaluationResponse:
+        r = request.report
+        self._engine.report_evaluation(
+            r.session_id, r.round, r.model_version, r.num_examples, r.loss, r.accuracy
+        )
+        return aggregator_pb2.ReportEvaluationResponse()
+
+    # ---------------------------------------------------------------- status
+
+    def GetStatus(  # noqa: N802
+        self, request: aggregator_pb2.GetStatusRequest, context: grpc.ServicerContext
+    ) -> aggregator_pb2.GetStatusResponse:
+        snap = self._engine.snapshot()
+        return aggregator_pb2.GetStatusResponse(
+            federation_id=self._federation_id,
+            plan_sha256=self._plan.sha256_hex,
+            state=snap["state"],
+            round=snap["round"],
+            total_rounds=snap["total_rounds"],
+            model_version=snap["model_version"],
+            strategy=self._plan.strategy.name,
+            model=self._plan.model.name,
+            trainers=[aggregator_pb2.TrainerStatus(**t) for t in snap["trainers"]],
+            rounds=[
+                aggregator_pb2.RoundSummary(
+                    **{k: v for k, v in r.items() if k != "aggregation_seconds"}
+                )
+                for r in snap["rounds"]
+            ],
+        )
+
+
+def _guarded(
+    parts: Iterator[aggregator_pb2.UploadUpdateRequest], decoder: StreamDecoder
+) -> Iterator[aggregator_pb2.UploadUpdateRequest]:
+    """Iterate a client stream, turning a peer that vanished into a clear StreamError."""
+    try:
+        yield from parts
+    except grpc.RpcError:
+        raise StreamError(
+            f"the trainer disconnected mid-stream after {decoder.received_bytes} of "
+            f"{decoder.total_bytes} bytes; nothing of this update was kept"
+        ) from None

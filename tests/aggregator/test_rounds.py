@@ -1,0 +1,265 @@
+"""The round engine on its own: rounds, refusals, deadlines, retries, resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from hfl_aggregator.checkpoint import CheckpointStore
+from hfl_aggregator.metrics import AggregatorMetrics
+from hfl_aggregator.rounds import Phase, RoundEngine, TaskKind, UpdateMeta
+from hfl_aggregator.strategies import make_strategy
+from hfl_common.config import FederationPlan, parse_plan
+from hfl_common.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+)
+from hfl_common.sealing import SimulatedSealingKeys
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_plan(**fed: object) -> FederationPlan:
+    values = {"rounds": 2, "min_trainers": 2, "round_timeout_seconds": 30, **fed}
+    lines = "\n".join(f"{k} = {v}" for k, v in values.items())
+    return parse_plan(
+        f"""
+[federation]
+{lines}
+[model]
+name = "small_cnn"
+input_shape = [2]
+num_classes = 2
+initial_weights = "w.npz"
+initial_weights_sha256 = "{"00" * 32}"
+[training]
+evaluate_every = 1000
+[update]
+max_norm = 100.0
+"""
+    )
+
+
+def weights() -> dict[str, np.ndarray]:
+    return {"w": np.zeros((2, 2), np.float32), "b": np.zeros(2, np.float32)}
+
+
+def make_engine(
+    plan: FederationPlan | None = None,
+    store: CheckpointStore | None = None,
+    clock: Clock | None = None,
+) -> tuple[RoundEngine, Clock, CollectorRegistry]:
+    plan = plan or make_plan()
+    clock = clock or Clock()
+    registry = CollectorRegistry()
+    engine = RoundEngine(
+        plan,
+        make_strategy("fedavg", {}),
+        weights(),
+        AggregatorMetrics.create(registry),
+        checkpoints=store,
+        clock=clock,
+    )
+    return engine, clock, registry
+
+
+def join(engine: RoundEngine, name: str) -> str:
+    return engine.join(name, name, "ab" * 32, engine.plan.sha256_hex, 10)
+
+
+def send(
+    engine: RoundEngine,
+    session: str,
+    value: float,
+    *,
+    nonce: bytes | None = None,
+    round_: int = 1,
+    version: int = 0,
+    examples: int = 10,
+) -> tuple[int, int]:
+    task = engine.next_task(session, 0)
+    meta = UpdateMeta(
+        session_id=session,
+        task_id=task.task_id or f"{round_}.1.train",
+        round=round_,
+        base_model_version=version,
+        kind="delta",
+        num_examples=examples,
+        nonce=nonce or f"{session}-{round_}-{value}".encode(),
+        train_loss=1.0,
+    )
+    ticket = engine.check_update(meta)
+    update = {"w": np.full((2, 2), value, np.float32), "b": np.full(2, value, np.float32)}
+    return engine.accept_update(ticket, update)
+
+
+def refused(registry: CollectorRegistry, reason: str) -> float:
+    value = registry.get_sample_value("hfl_aggregator_updates_refused_total", {"reason": reason})
+    return value or 0.0
+
+
+def test_round_starts_once_enough_trainers_join_and_closes_with_the_weighted_mean() -> None:
+    engine, _, registry = make_engine()
+    a = join(engine, "a")
+    assert engine.next_task(a, 0).kind is TaskKind.WAIT
+    b = join(engine, "b")
+    task = engine.next_task(a, 0)
+    assert task.kind is TaskKind.TRAIN
+    assert (task.round, task.model_version) == (1, 0)
+    send(engine, a, 1.0, examples=10)
+    assert engine.phase is Phase.TRAINING
+    send(engine, b, 4.0, examples=30)
+    _, version, w = engine.model()
+    assert version == 1
+    # (10 * 1 + 30 * 4) / 40 = 3.25
+    np.testing.assert_array_equal(w["w"], np.full((2, 2), 3.25, np.float32))
+    assert registry.get_sample_value("hfl_aggregator_rounds_completed_total") == 1.0
+    assert engine.next_task(a, 0).round == 2
+
+
+def test_stale_round_update_is_rejected_and_the_model_is_unchanged() -> None:
+    engine, _, registry = make_engine()
+    a, b = join(engine, "a"), join(engine, "b")
+    send(engine, a, 1.0)
+    send(engine, b, 1.0)
+    _, version, before = engine.model()
+    with pytest.raises(FailedPreconditionError) as err:
+        send(engine, a, 9.0, round_=1, version=0)
+    assert "update for round 1 (model version 0) is stale" in str(err.value)
+    assert "round 2" in str(err.value)
+    _, version_after, after = engine.model()
+    assert version_after == version
+    np.testing.assert_array_equal(after["w"], before["w"])
+    assert refused(registry, "stale") == 1.0
+
+
+def test_duplicate_update_is_rejected() -> None:
+    engine, _, registry = make_engine(make_plan(min_trainers=2))
+    a, _ = join(engine, "a"), join(engine, "b")
+    send(engine, a, 1.0)
+    with pytest.raises(AlreadyExistsError, match="duplicate update: trainer a already sent"):
+        send(engine, a, 2.0)
+    assert refused(registry, "duplicate") == 1.0
+
+
+def test_replayed_nonce_is_rejected_even_from_another_trainer() -> None:
+    engine, _, registry = make_engine()
+    a, b = join(engine, "a"), join(engine, "b")
+    send(engine, a, 1.0, nonce=b"same")
+    with pytest.raises(FailedPreconditionError, match="replayed update"):
+        send(engine, b, 1.0, nonce=b"same")
+    assert refused(registry, "replayed") == 1.0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_update_is_rejected_and_round_state_unchanged(bad: float) -> None:
+    engine, _, registry = make_engine()
+    a, b = join(engine, "a"), join(engine, "b")
+    with pytest.raises(InvalidArgumentError, match="tensor 'w' contains 4 NaN or infinite"):
+        send(engine, a, bad)
+    assert refused(registry, "nan") == 1.0
+    # The trainer can still send a good update for the same round afterwards.
+    send(engine, a, 1.0)
+    send(engine, b, 3.0)
+    np.testing.assert_array_equal(engine.model()[2]["b"], np.full(2, 2.0, np.float32))
+
+
+def test_update_over_the_norm_bound_is_rejected() -> None:
+    engine, _, registry = make_engine()
+    a, _ = join(engine, "a"), join(engine, "b")
+    with pytest.raises(
+        InvalidArgumentError, match=r"update L2 norm 122\.5 exceeds the plan.s bound 100"
+    ):
+        send(engine, a, 50.0)
+    assert refused(registry, "norm") == 1.0
+
+
+def test_join_with_another_plan_is_refused() -> None:
+    engine, _, _ = make_engine()
+    with pytest.raises(FailedPreconditionError, match="both sides must use the same plan file"):
+        engine.join("x", "x", "", "ff" * 32, 1)
+
+
+def test_deadline_closes_round_with_enough_updates_dropping_stragglers() -> None:
+    engine, clock, _ = make_engine(make_plan(min_trainers=3, min_updates=2))
+    a, b, _ = join(engine, "a"), join(engine, "b"), join(engine, "c")
+    send(engine, a, 1.0)
+    send(engine, b, 3.0)
+    clock.now += 31
+    engine.tick()
+    _, version, w = engine.model()
+    assert version == 1
+    np.testing.assert_array_equal(w["b"], np.full(2, 2.0, np.float32))
+
+
+def test_round_without_enough_updates_fails_retries_and_then_fails_the_federation() -> None:
+    engine, clock, registry = make_engine(make_plan(max_round_retries=1))
+    a, _ = join(engine, "a"), join(engine, "b")
+    send(engine, a, 1.0)
+    clock.now += 31
+    engine.tick()
+    task = engine.next_task(a, 0)
+    assert task.kind is TaskKind.TRAIN
+    assert task.task_id == "1.2.train"
+    clock.now += 31
+    engine.tick()
+    assert engine.phase is Phase.FAILED
+    done = engine.next_task(a, 0)
+    assert done.kind is TaskKind.DONE
+    assert "round 1 failed 2 times" in done.message
+    assert (
+        registry.get_sample_value("hfl_aggregator_rounds_failed_total", {"reason": "deadline"})
+        == 2.0
+    )
+    assert engine.model()[1] == 0
+
+
+def test_last_round_is_evaluated_then_the_federation_ends() -> None:
+    engine, _, registry = make_engine()
+    a, b = join(engine, "a"), join(engine, "b")
+    for r in (1, 2):
+        send(engine, a, 1.0, round_=r, version=r - 1)
+        send(engine, b, 1.0, round_=r, version=r - 1)
+    assert engine.phase is Phase.EVALUATING
+    task = engine.next_task(a, 0)
+    assert (task.kind, task.round, task.model_version) == (TaskKind.EVALUATE, 2, 2)
+    engine.report_evaluation(a, 2, 2, 100, 0.5, 0.9)
+    with pytest.raises(AlreadyExistsError, match="already reported its evaluation of round 2"):
+        engine.report_evaluation(a, 2, 2, 100, 0.5, 0.9)
+    engine.report_evaluation(b, 2, 2, 300, 0.1, 0.5)
+    assert engine.done
+    last = engine.snapshot()["rounds"][-1]
+    # (100 * 0.9 + 300 * 0.5) / 400 = 0.6; (100 * 0.5 + 300 * 0.1) / 400 = 0.2
+    assert last["eval_accuracy"] == pytest.approx(0.6)
+    assert last["eval_loss"] == pytest.approx(0.2)
+    assert registry.get_sample_value("hfl_aggregator_round_eval_accuracy") == pytest.approx(0.6)
+    assert engine.next_task(a, 0).kind is TaskKind.DONE
+    assert registry.get_sample_value("hfl_aggregator_federation_done") == 1.0
+
+
+def test_restart_resumes_from_the_sealed_checkpoint(tmp_path: Path) -> None:
+    keys = SimulatedSealingKeys(b"s" * 32, b"m" * 32)
+    engine, _, _ = make_engine(store=CheckpointStore(tmp_path, keys))
+    a, b = join(engine, "a"), join(engine, "b")
+    send(engine, a, 1.0)
+    send(engine, b, 3.0)
+    blob = (tmp_path / "checkpoint.sealed").read_bytes()
+    assert np.full(2, 2.0, np.float32).tobytes() not in blob
+    resumed, _, _ = make_engine(store=CheckpointStore(tmp_path, keys))
+    _, version, w = resumed.model()
+    assert version == 1
+    np.testing.assert_array_equal(w["b"], np.full(2, 2.0, np.float32))
+    a2 = join(resumed, "a")
+    join(resumed, "b")
+    assert resumed.next_task(a2, 0).round == 2
