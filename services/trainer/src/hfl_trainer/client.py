@@ -1,0 +1,417 @@
+"""The trainer's side of the federation: join, poll for tasks, train or evaluate, upload.
+
+`FederationClient.run()` is the whole loop. It talks to the aggregator only
+through channels made by `connect()`, which re-attests the aggregator every
+time (its measurement under the policy and the plan hash in its evidence),
+so after an aggregator restart (a new enclave key) the client verifies the new
+instance before it sends it anything. Calls that fail with UNAVAILABLE are
+retried with exponential backoff and full jitter; a lost session (aggregator
+restarted) means joining again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import grpc
+import numpy as np
+
+from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
+from hfl_common.codec import StreamDecoder, encode_tensors, specs_of
+from hfl_common.config import FederationPlan
+from hfl_common.errors import FailedPreconditionError, HflError, StreamError, UnavailableError
+from hfl_trainer.metrics import TrainerMetrics
+from hfl_trainer.privacy import add_gaussian_noise, clip_update
+from hfl_trainer.progress import ProgressReporter
+from hfl_trainer.training import LocalTrainer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_POLL_SECONDS = 20
+
+
+@dataclass
+class TrainerState:
+    """What the trainer's own Status shows."""
+
+    trainer_id: str = ""
+    state: str = "bootstrapping"
+    round: int = 0
+    model_version: int = 0
+    last_train_loss: float = math.nan
+    last_eval_accuracy: float = math.nan
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter ("Exponential Backoff And Jitter", AWS, 2015)."""
+
+    base: float = 0.5
+    cap: float = 10.0
+    give_up_after: float = 300.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0, min(self.cap, self.base * (2**attempt)))
+
+
+class FederationClient:
+    def __init__(
+        self,
+        plan: FederationPlan,
+        trainer: LocalTrainer,
+        get_weights: Callable[[], dict[str, np.ndarray]],
+        connect: Callable[[], grpc.Channel],
+        *,
+        label: str,
+        progress: ProgressReporter | None = None,
+        backoff: Backoff | None = None,
+        state: TrainerState | None = None,
+        on_round: Callable[[int], None] | None = None,
+        metrics: TrainerMetrics | None = None,
+    ) -> None:
+        self._plan = plan
+        self._trainer = trainer
+        self._connect = connect
+        self._label = label
+        self._progress = progress
+        self._backoff = backoff or Backoff()
+        self._rng = random.Random(secrets.randbits(64))
+        self.state = state or TrainerState()
+        self._on_round = on_round
+        self._metrics = metrics
+        self._spec = specs_of(get_weights())
+        self._channel: grpc.Channel | None = None
+        self._stub: aggregator_pb2_grpc.AggregatorServiceStub | None = None
+        self._session = ""
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _set(self, **values: object) -> None:
+        with self.state.lock:
+            for k, v in values.items():
+                setattr(self.state, k, v)
+
+    def _reconnect(self) -> aggregator_pb2_grpc.AggregatorServiceStub:
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = self._connect()
+        self._stub = aggregator_pb2_grpc.AggregatorServiceStub(self._channel)
+        return self._stub
+
+    def _call(self, what: str, fn: Callable[[aggregator_pb2_grpc.AggregatorServiceStub], T]) -> T:
+        """Run `fn` against the aggregator, retrying while it is unreachable."""
+        attempt = 0
+        started = time.monotonic()
+        while True:
+            try:
+                stub = self._stub or self._reconnect()
+                return fn(stub)
+            except grpc.RpcError as err:
+                code = err.code() if isinstance(err, grpc.Call) else None
+                if code not in _RETRYABLE:
+                    raise
+                failure = f"{code.name if code else 'error'}: {_details(err)}"
+            except UnavailableError as err:
+                # connect() could not reach or fetch the aggregator's certificate.
+                failure = str(err)
+            waited = time.monotonic() - started
+            if waited > self._backoff.give_up_after:
+                raise UnavailableError(
+                    f"aggregator unreachable for {waited:.0f} s while trying to {what}: {failure}"
+                )
+            delay = self._backoff.delay(attempt, self._rng)
+            if self._metrics is not None:
+                self._metrics.retries.inc()
+            log.warning("%s failed (%s); retrying in %.1f s", what, failure, delay)
+            attempt += 1
+            # Re-attest: the aggregator may have restarted with a new enclave key.
+            self._stub = None
+            if self._stop.wait(delay):
+                raise UnavailableError(f"stopped while trying to {what}")
+
+    # ---------------------------------------------------------------- loop
+
+    def run(self) -> None:
+        """Take part in the federation until it is done. Raises on a fatal error."""
+        last_task = ""
+        while not self._stop.is_set():
+            if not self._session:
+                self._join()
+            try:
+                response = self._call(
+                    "poll for a task",
+                    lambda s: s.GetTask(
+                        aggregator_pb2.GetTaskRequest(
+                            session_id=self._session,
+                            last_task_id=last_task,  # noqa: B023 (called at once)
+                            wait_seconds=_POLL_SECONDS,
+                        ),
+                        timeout=_POLL_SECONDS + 15,
+                    ),
+                )
+            except grpc.RpcError as err:
+                if _code(err) is grpc.StatusCode.NOT_FOUND:
+                    log.info("aggregator lost our session (it restarted?); joining again")
+                    self._session = ""
+                    continue
+                raise
+            task = response.task
+            kind = task.kind
+            if kind == aggregator_pb2.TASK_KIND_DONE:
+                self._finish(task)
+                return
+            if kind == aggregator_pb2.TASK_KIND_WAIT:
+                self._set(state="waiting")
+                continue
+            try:
+                if kind == aggregator_pb2.TASK_KIND_TRAIN:
+                    self._train(task)
+                elif kind == aggregator_pb2.TASK_KIND_EVALUATE:
+                    self._evaluate(task)
+            except grpc.RpcError as err:
+                code = _code(err)
+                if code is grpc.StatusCode.NOT_FOUND:
+                    self._session = ""
+                elif code in (
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.ALREADY_EXISTS,
+                ):
+                    # The round moved on while we worked (deadline, restart): not fatal.
+                    log.warning("task %s overtaken: %s", task.task_id, _details(err))
+                else:
+                    raise
+            last_task = task.task_id
+
+    def _join(self) -> None:
+        self._set(state="joining")
+        spec = self._spec
+        response = self._call(
+            "join the federation",
+            lambda s: s.Join(
+                aggregator_pb2.JoinRequest(
+                    label=self._label,
+                    plan_sha256=self._plan.sha256_hex,
+                    model_spec=spec,
+                    num_examples=self._trainer.num_examples,
+                ),
+                timeout=30,
+            ),
+        )
+        self._session = response.session_id
+        self._set(trainer_id=response.trainer_id, state="waiting")
+        log.info(
+            "joined as %s (%s); %d rounds planned",
+            response.trainer_id,
+            self._label,
+            response.total_rounds,
+        )
+
+    def _finish(self, task: aggregator_pb2.Task) -> None:
+        failed = task.message.startswith("federation failed")
+        self._set(state="failed" if failed else "done")
+        try:
+            self._call(
+                "leave",
+                lambda s: s.Leave(
+                    aggregator_pb2.LeaveRequest(session_id=self._session), timeout=10
+                ),
+            )
+        except (grpc.RpcError, HflError) as err:
+            log.debug("leave failed: %s", err)
+        if failed:
+            raise FailedPreconditionError(task.message)
+        log.info("federation done")
+
+    # --------------------------------------------------------------- model
+
+    def _download(self, version: int) -> tuple[int, dict[str, np.ndarray]]:
+        def fetch(
+            s: aggregator_pb2_grpc.AggregatorServiceStub,
+        ) -> tuple[int, dict[str, np.ndarray]]:
+            stream = s.DownloadModel(
+                aggregator_pb2.DownloadModelRequest(
+                    session_id=self._session, model_version=version
+                ),
+                timeout=600,
+            )
+            return _receive_model(stream, self._spec, self._plan.sha256_hex)
+
+        return self._call("download the global model", fetch)
+
+    def _train(self, task: aggregator_pb2.Task) -> None:
+        self._set(state="training", round=task.round)
+        version, weights = self._download(task.model_version)
+        self._set(model_version=version)
+        if task.update_kind == aggregator_pb2.UPDATE_KIND_GRADIENT:
+            g = self._trainer.compute_gradient(weights, int(task.seed))
+            update = {**g.gradients, **g.non_trainable}
+            update = {name: update[name] for name in weights}
+            num_examples, loss, accuracy = g.num_examples, g.loss, math.nan
+        else:
+            result = self._trainer.train_delta(
+                weights,
+                epochs=max(1, task.local_epochs),
+                proximal_mu=task.proximal_mu,
+                on_batch=self._progress.on_batch if self._progress else None,
+            )
+            update = result.delta
+            num_examples, loss, accuracy = result.num_examples, result.loss, result.accuracy
+            if self._metrics is not None:
+                self._metrics.examples_per_second.set(result.examples_per_second)
+                self._metrics.examples.inc(result.num_examples * max(1, task.local_epochs))
+            if self._progress is not None:
+                self._progress.round_finished(task.round, result)
+        if task.privacy.clip_norm > 0:
+            update, norm = clip_update(update, task.privacy.clip_norm)
+            log.debug("update L2 norm %.4g clipped to %.4g", norm, task.privacy.clip_norm)
+            if task.privacy.noise_multiplier > 0:
+                update = add_gaussian_noise(
+                    update,
+                    task.privacy.noise_multiplier,
+                    task.privacy.clip_norm,
+                    np.random.default_rng(secrets.randbits(64)),
+                )
+        self._set(last_train_loss=loss)
+        self._upload(task, version, update, num_examples, loss, accuracy)
+        if self._metrics is not None:
+            self._metrics.rounds_completed.inc()
+            if math.isfinite(loss):
+                self._metrics.train_loss.set(loss)
+        if self._on_round is not None:
+            self._on_round(task.round)
+
+    def _upload(
+        self,
+        task: aggregator_pb2.Task,
+        version: int,
+        update: Mapping[str, np.ndarray],
+        num_examples: int,
+        loss: float,
+        accuracy: float,
+    ) -> None:
+        header = aggregator_pb2.UpdateHeader(
+            session_id=self._session,
+            task_id=task.task_id,
+            round=task.round,
+            base_model_version=version,
+            kind=task.update_kind,
+            num_examples=num_examples,
+            train_loss=loss,
+            train_accuracy=accuracy,
+        )
+        encoding = task.update_encoding or tensor_pb2.ENCODING_RAW
+        metrics = self._metrics
+
+        def send(
+            s: aggregator_pb2_grpc.AggregatorServiceStub,
+        ) -> aggregator_pb2.UploadUpdateResponse:
+            # A fresh nonce per attempt: a retry after UNAVAILABLE is a new upload, and
+            # the aggregator refuses the same nonce twice.
+            header.nonce = secrets.token_bytes(16)
+            return s.UploadUpdate(_update_messages(header, update, encoding, metrics), timeout=600)
+
+        response = self._call("upload the update", send)
+        log.info(
+            "round %d: update accepted (model version %d)", response.round, response.model_version
+        )
+
+    def _evaluate(self, task: aggregator_pb2.Task) -> None:
+        self._set(state="evaluating", round=task.round)
+        version, weights = self._download(task.model_version)
+        result = self._trainer.evaluate(weights)
+        self._set(last_eval_accuracy=result.accuracy, model_version=version)
+        if self._metrics is not None:
+            self._metrics.eval_accuracy.set(result.accuracy)
+        report = aggregator_pb2.EvaluationReport(
+            session_id=self._session,
+            task_id=task.task_id,
+            round=task.round,
+            model_version=version,
+            num_examples=result.num_examples,
+            loss=result.loss,
+            accuracy=result.accuracy,
+        )
+        self._call(
+            "report the evaluation",
+            lambda s: s.ReportEvaluation(
+                aggregator_pb2.ReportEvaluationRequest(report=report), timeout=30
+            ),
+        )
+        log.info(
+            "round %d: evaluated model version %d: loss %.4f, accuracy %.4f on %d examples",
+            task.round,
+            version,
+            result.loss,
+            result.accuracy,
+            result.num_examples,
+        )
+
+
+def _update_messages(
+    header: aggregator_pb2.UpdateHeader,
+    update: Mapping[str, np.ndarray],
+    encoding: int,
+    metrics: TrainerMetrics | None = None,
+) -> Iterator[aggregator_pb2.UploadUpdateRequest]:
+    stream = encode_tensors(update, encoding)
+    header.tensors.CopyFrom(stream.header)
+    yield aggregator_pb2.UploadUpdateRequest(header=header)
+    for chunk in stream.chunks():
+        if metrics is not None:
+            metrics.upload_bytes.inc(len(chunk.data))
+        yield aggregator_pb2.UploadUpdateRequest(chunk=chunk)
+    yield aggregator_pb2.UploadUpdateRequest(trailer=stream.trailer())
+
+
+def _receive_model(
+    stream: Iterable[aggregator_pb2.DownloadModelResponse],
+    spec: list[tensor_pb2.TensorSpec],
+    plan_sha256: str,
+) -> tuple[int, dict[str, np.ndarray]]:
+    parts = iter(stream)
+    first = next(parts, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise StreamError("the model download did not start with a header")
+    header = first.header
+    if header.plan_sha256 != plan_sha256:
+        raise FailedPreconditionError(
+            f"the aggregator serves a model for plan {header.plan_sha256[:16]}…, "
+            f"not this trainer's plan {plan_sha256[:16]}…"
+        )
+    max_bytes = sum(int(np.prod(s.shape, dtype=np.int64)) * 8 for s in spec) + 4096
+    decoder = StreamDecoder(header.tensors, expected=spec, max_total_bytes=max_bytes)
+    for part in parts:
+        which = part.WhichOneof("part")
+        if which == "chunk":
+            decoder.feed(part.chunk)
+        elif which == "trailer":
+            return int(header.model_version), decoder.finish(part.trailer)
+        else:
+            raise StreamError(f"unexpected {which or 'empty'} message in a model download")
+    raise StreamError(
+        f"model download ended after {decoder.received_bytes} of {decoder.total_bytes} bytes"
+    )
+
+
+def _code(err: grpc.RpcError) -> grpc.StatusCode | None:
+    return err.code() if isinstance(err, grpc.Call) else None
+
+
+def _details(err: grpc.RpcError) -> str:
+    return (err.details() or "") if isinstance(err, grpc.Call) else str(err)

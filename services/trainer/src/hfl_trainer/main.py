@@ -1,0 +1,231 @@
+"""hfl-trainer: trains on this party's private data, inside its enclave.
+
+Start-up, in order: flags -> policy and plan -> this party's data (never
+downloaded; digits are bundled with scikit-learn) and its partition -> the
+model, checked against the plan's model spec (the first mismatch is named)
+-> the enclave -> verify and pin the attestation service -> our certificate
+-> before anything is sent: verify the aggregator's quote under the policy
+and that the plan hash in its evidence is this trainer's plan -> join and
+work until the federation is done (exit 0) or fails (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc
+from hfl_common.attest_client import AttestedRoleAuthorizer, connect_verified
+from hfl_common.codec import check_specs, specs_of
+from hfl_common.config import FederationPlan, load_plan
+from hfl_common.errors import ConfigError, FailedPreconditionError
+from hfl_common.logs import configure_logging
+from hfl_common.metrics import start_metrics_http
+from hfl_common.runtime import (
+    Enclave,
+    EnclaveOptions,
+    add_enclave_flags,
+    env_defaults,
+    run_main,
+    split_listen,
+    write_port_file,
+)
+from hfl_common.server import ServerConfig, ServiceRegistration, build_server
+from hfl_trainer import data as data_lib
+from hfl_trainer.client import Backoff, FederationClient, TrainerState
+from hfl_trainer.metrics import TrainerMetrics
+from hfl_trainer.models import build_model, get_weights, load_weights_file
+from hfl_trainer.progress import ProgressReporter
+from hfl_trainer.training import LocalTrainer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "hfl.v1.TrainerService"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hfl trainer", description=__doc__.splitlines()[0])
+    add_enclave_flags(p, listen="127.0.0.1:7410", metrics_listen="127.0.0.1:9410")
+    p.add_argument("--plan", type=Path, required=True, help="the federation plan (TOML)")
+    p.add_argument("--attestation", default="127.0.0.1:7400", help="attestation service")
+    p.add_argument("--aggregator", default="127.0.0.1:7401", help="aggregator address")
+    p.add_argument("--label", default="trainer", help="a name for logs and Status")
+    p.add_argument("--data-dir", type=Path, help="CIFAR-10 directory (dataset cifar10)")
+    p.add_argument("--trainer-index", type=int, default=0, help="this party's partition")
+    p.add_argument("--num-partitions", type=int, default=1, help="partitions in a local run")
+    p.add_argument(
+        "--give-up-after", type=float, default=300.0, help="seconds without the aggregator"
+    )
+    env_defaults(p)
+    return p
+
+
+def load_partition(
+    plan: FederationPlan, data_dir: Path | None, index: int, parts: int
+) -> data_lib.Dataset:
+    dataset = plan.data.dataset
+    if dataset == "digits":
+        full = data_lib.load_digits()
+    elif dataset == "cifar10":
+        if data_dir is None:
+            raise ConfigError("dataset cifar10 needs --data-dir pointing at the CIFAR-10 batches")
+        full = data_lib.load_cifar10(data_dir)
+    else:
+        full = data_lib.synthetic(
+            plan.data.synthetic_examples * parts,
+            plan.model.input_shape,
+            plan.model.num_classes,
+            seed=plan.seed,
+        )
+    if not 0 <= index < parts:
+        raise ConfigError(f"--trainer-index {index} must be in [0, {parts})")
+    indices = data_lib.partition(
+        full.y_train,
+        parts,
+        index,
+        scheme="dirichlet" if plan.data.partition == "dirichlet" else "iid",
+        alpha=plan.data.dirichlet_alpha,
+        seed=plan.seed,
+    )
+    return full.with_train_indices(indices)
+
+
+class TrainerStatusServicer(aggregator_pb2_grpc.TrainerServiceServicer):
+    def __init__(self, state: TrainerState, label: str, examples: int) -> None:
+        self._state = state
+        self._label = label
+        self._examples = examples
+        self.aggregator_mrenclave = ""
+
+    def GetStatus(  # noqa: N802 (gRPC method name)
+        self,
+        request: aggregator_pb2.TrainerServiceGetStatusRequest,
+        context: grpc.ServicerContext,
+    ) -> aggregator_pb2.TrainerServiceGetStatusResponse:
+        s = self._state
+        with s.lock:
+            return aggregator_pb2.TrainerServiceGetStatusResponse(
+                trainer_id=s.trainer_id,
+                label=self._label,
+                state=s.state,
+                round=s.round,
+                model_version=s.model_version,
+                last_train_loss=s.last_train_loss,
+                last_eval_accuracy=s.last_eval_accuracy,
+                num_examples=self._examples,
+                aggregator_mrenclave=self.aggregator_mrenclave,
+            )
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    ns = parser().parse_args(argv)
+    configure_logging(f"trainer:{ns.label}", ns.log_level, True if ns.log_json else None)
+    plan = load_plan(ns.plan)
+    partition = load_partition(plan, ns.data_dir, ns.trainer_index, ns.num_partitions)
+    model = build_model(plan.model.name, plan.model.input_shape, plan.model.num_classes, plan.seed)
+    initial = load_weights_file(plan.model.initial_weights)
+    check_specs(specs_of(initial), specs_of(get_weights(model)), "this trainer's model vs the plan")
+    trainer = LocalTrainer(
+        model,
+        partition,
+        plan.training.batch_size,
+        plan.training.learning_rate,
+        optimizer="adam" if plan.training.optimizer == "adam" else "sgd",
+        seed=plan.seed + ns.trainer_index,
+    )
+    registry = CollectorRegistry()
+    metrics = TrainerMetrics.create(registry)
+    enclave = Enclave.open(EnclaveOptions.from_args("trainer", ns), registry)
+    credentials, renewer, pinned = enclave.attest(ns.attestation, ns.label)
+    state = TrainerState()
+    status = TrainerStatusServicer(state, ns.label, trainer.num_examples)
+    peers = enclave.peer_verifier()
+    host, port = split_listen(ns.listen)
+    server = build_server(
+        ServerConfig(service="trainer", host=host, port=port, max_workers=4),
+        services=[
+            ServiceRegistration(
+                SERVICE_NAME, status, aggregator_pb2_grpc.add_TrainerServiceServicer_to_server
+            )
+        ],
+        credentials=credentials.server_credentials(),
+        registry=registry,
+        authorizer=AttestedRoleAuthorizer(
+            {f"/{SERVICE_NAME}/GetStatus": frozenset({"operator"})}, peers
+        ),
+    )
+    m_host, m_port = split_listen(ns.metrics_listen)
+    metrics_port, stop_metrics = start_metrics_http(
+        registry, m_host, m_port, ready=lambda: server.serving
+    )
+
+    def connect() -> grpc.Channel:
+        # Re-attests the aggregator on every (re)connection, plan hash included.
+        return connect_verified(
+            ns.aggregator,
+            credentials,
+            enclave.verifier,
+            "aggregator",
+            expected_user_data=plan.sha256,
+        )
+
+    client = FederationClient(
+        plan,
+        trainer,
+        lambda: get_weights(model),
+        connect,
+        label=ns.label,
+        progress=ProgressReporter(),
+        state=state,
+        metrics=metrics,
+        backoff=Backoff(give_up_after=ns.give_up_after),
+    )
+    server.add_shutdown_hook(stop_metrics)
+    server.add_shutdown_hook(pinned.close)
+    server.add_shutdown_hook(renewer.stop)
+    server.add_shutdown_hook(client.stop)
+    server.install_signal_handlers()
+    server.set_serving(True)
+    write_port_file(ns.port_file, server.port, metrics_port)
+    log.info(
+        "trainer %s serving status on :%d (metrics :%d); %d training examples, %d held out",
+        ns.label,
+        server.port,
+        metrics_port,
+        trainer.num_examples,
+        len(partition.y_test),
+    )
+    outcome: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            client.run()
+        except BaseException as exc:  # reported by the main thread
+            outcome.append(exc)
+        finally:
+            server.stop()
+
+    threading.Thread(target=work, name="hfl-trainer-loop", daemon=True).start()
+    server.wait()
+    if outcome:
+        exc = outcome[0]
+        if isinstance(exc, FailedPreconditionError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise exc
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
