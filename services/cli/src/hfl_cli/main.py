@@ -1,0 +1,168 @@
+"""The `hfl` command: one entry point for every service and tool.
+
+    hfl run            a whole local federation (simulated TEE), the first thing to try
+    hfl attestation    the attestation service (federation CA)
+    hfl aggregator     the aggregator (parameter server)
+    hfl trainer        a trainer
+    hfl verify         verify a quote or an RA-TLS certificate under a policy
+    hfl status         the aggregator's Status, as an operator
+    hfl operator-cert  get an operator certificate (for grpcurl)
+    hfl init           write platform, policy, plan and operator key for a deployment
+
+Each service's code is imported only when its command runs, so `hfl aggregator`
+never loads TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from hfl_common.runtime import run_main
+
+COMMANDS = (
+    "run", "attestation", "aggregator", "trainer", "verify", "status", "operator-cert", "init",
+)  # fmt: skip
+
+
+def _run_main(argv: Sequence[str] | None) -> int:
+    from hfl_cli.local import PlanOptions
+    from hfl_cli.run import RunOptions, run
+
+    p = argparse.ArgumentParser(
+        prog="hfl run",
+        description="Run a whole federation on this machine: attestation service, aggregator "
+        "and trainers as separate processes on loopback, simulated SGX, mutual RA-TLS.",
+    )
+    p.add_argument("--trainers", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--model", default="small_cnn", help="small_cnn, resnet20, resnet56, resnet50")
+    p.add_argument("--dataset", default="digits", help="digits (bundled), cifar10, synthetic")
+    p.add_argument("--data-dir", type=Path, help="CIFAR-10 batches directory (python or binary)")
+    p.add_argument("--strategy", default="fedavg", help="fedavg, fedsgd, fedprox, fedadam, ...")
+    p.add_argument(
+        "--strategy-param", action="append", default=[], metavar="NAME=VALUE",
+        help="a strategy parameter, e.g. server_lr=0.1 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--partition", choices=("iid", "dirichlet"), default="iid")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=0.05)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--encoding", choices=("raw", "float16", "bfloat16", "int8"), default="raw")
+    p.add_argument("--clip-norm", type=float, default=0.0, help="client DP: L2 clip bound")
+    p.add_argument("--noise-multiplier", type=float, default=0.0, help="client DP: noise")
+    p.add_argument("--synthetic-examples", type=int, default=256)
+    p.add_argument("--round-timeout", type=float, default=300.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, help="default: runs/<timestamp>")
+    p.add_argument("--expect-accuracy", type=float, help="exit 1 below this final accuracy")
+    p.add_argument("--no-plot", action="store_true")
+    ns = p.parse_args(argv)
+    params = []
+    for item in ns.strategy_param:
+        name, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--strategy-param {item!r} must look like NAME=VALUE")
+        params.append((name, float(value)))
+    if ns.dataset == "cifar10" and ns.data_dir is None:
+        p.error("--dataset cifar10 needs --data-dir (nothing is downloaded at run time)")
+    if ns.trainers < 1:
+        p.error("--trainers must be at least 1")
+    plan = PlanOptions(
+        trainers=ns.trainers,
+        rounds=ns.rounds,
+        model=ns.model,
+        dataset=ns.dataset,
+        strategy=ns.strategy,
+        partition=ns.partition,
+        alpha=ns.alpha,
+        local_epochs=ns.local_epochs,
+        batch_size=ns.batch_size,
+        learning_rate=ns.learning_rate,
+        optimizer=ns.optimizer,
+        encoding=ns.encoding,
+        seed=ns.seed,
+        round_timeout=ns.round_timeout,
+        clip_norm=ns.clip_norm,
+        noise_multiplier=ns.noise_multiplier,
+        synthetic_examples=ns.synthetic_examples,
+        strategy_params=tuple(params),
+    )
+    return run(
+        RunOptions(
+            plan=plan,
+            workdir=ns.workdir,
+            data_dir=ns.data_dir,
+            expect_accuracy=ns.expect_accuracy,
+            plot=not ns.no_plot,
+        )
+    )
+
+
+def _init_main(argv: Sequence[str] | None) -> int:
+    from hfl_cli.local import PlanOptions, prepare
+
+    p = argparse.ArgumentParser(
+        prog="hfl init",
+        description="Write a simulated platform, policy, plan and operator key into DIR "
+        "(what `make up` mounts into the simulated containers).",
+    )
+    p.add_argument("directory", type=Path)
+    p.add_argument("--trainers", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=10)
+    ns = p.parse_args(argv)
+    prepared = prepare(ns.directory, PlanOptions(trainers=ns.trainers, rounds=ns.rounds))
+    print(
+        f"wrote {prepared.policy}, {prepared.plan}, {prepared.platform}/, {prepared.operator_dir}/"
+    )
+    return 0
+
+
+def _lazy(module: str, function: str) -> Callable[[Sequence[str] | None], int]:
+    def call(argv: Sequence[str] | None) -> int:
+        import importlib
+
+        fn: Callable[[Sequence[str] | None], int] = getattr(
+            importlib.import_module(module), function
+        )
+        return fn(argv)
+
+    return call
+
+
+_DISPATCH: dict[str, Callable[[Sequence[str] | None], int]] = {
+    "run": lambda argv: run_main(_run_main, argv),
+    "init": lambda argv: run_main(_init_main, argv),
+    "attestation": _lazy("hfl_attestation.main", "main"),
+    "aggregator": _lazy("hfl_aggregator.main", "main"),
+    "trainer": _lazy("hfl_trainer.main", "main"),
+    "verify": _lazy("hfl_common.verify_cli", "verify_main"),
+    "status": lambda argv: run_main(_lazy("hfl_cli.operator", "status_main"), argv),
+    "operator-cert": lambda argv: run_main(_lazy("hfl_cli.operator", "operator_cert_main"), argv),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    # TensorFlow's C++ start-up chatter is not for the person at the terminal.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    handler = _DISPATCH.get(command)
+    if handler is None:
+        print(
+            f"error: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr
+        )
+        return 2
+    return handler(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,365 @@
+"""`hfl run`: a whole federation on this machine, as separate processes on loopback.
+
+The attestation service, the aggregator and N trainers each run as their own
+process with the simulated TEE, talking real gRPC over mutual RA-TLS. This
+process prepares the files (see hfl_cli.local), starts the services in
+order, follows the federation through the aggregator's Status as an operator,
+and at the end prints a table of per-round loss and accuracy and writes a PNG
+plot. Every process it started is stopped on exit, on Ctrl-C and on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime as dt
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import grpc
+
+from hfl_cli.local import PlanOptions, Prepared, prepare
+from hfl_cli.operator import OperatorCredentials, aggregator_channel, obtain_operator_certificate
+from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc
+from hfl_common.errors import HflError, UnavailableError
+
+START_TIMEOUT_SECONDS = 120.0
+POLL_SECONDS = 1.0
+_PR_SET_PDEATHSIG = 1
+
+
+class FederationError(HflError):
+    """The local federation could not run to its end."""
+
+
+def _die_with_parent() -> None:  # pragma: no cover (runs in the child before exec)
+    # Linux: the child gets SIGTERM if hfl run itself is killed, so nothing is orphaned.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    port_file: Path
+    log: IO[bytes]
+    grpc_port: int = 0
+    metrics_port: int = 0
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+
+@dataclass
+class Supervisor:
+    """Starts services in order and stops them all, in reverse order, whatever happens."""
+
+    workdir: Path
+    services: list[Service] = field(default_factory=list)
+
+    def start(self, name: str, module: str, args: Sequence[str]) -> Service:
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        port_file = self.workdir / "ports" / f"{name}.json"
+        port_file.parent.mkdir(exist_ok=True)
+        port_file.unlink(missing_ok=True)
+        log_path = logs / f"{name}.log"
+        log = log_path.open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        process = subprocess.Popen(
+            [sys.executable, "-m", module, *args, "--port-file", str(port_file), "--log-json"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches hfl run, which stops children in order
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 (only calls prctl)
+        )
+        service = Service(name, process, log_path, port_file, log)
+        self.services.append(service)
+        return service
+
+    def wait_ready(self, service: Service, timeout: float = START_TIMEOUT_SECONDS) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if service.port_file.exists():
+                ports = json.loads(service.port_file.read_text())
+                service.grpc_port, service.metrics_port = ports["grpc"], ports["metrics"]
+                return
+            if service.process.poll() is not None:
+                raise FederationError(
+                    f"{service.name} exited with code {service.process.returncode} while "
+                    f"starting; last lines of {service.log_path}:\n{service.tail()}"
+                )
+            time.sleep(0.1)
+        raise FederationError(f"{service.name} did not start within {timeout:.0f} s")
+
+    def check_alive(self, names: Sequence[str] | None = None) -> None:
+        for s in self.services:
+            if (names is None or s.name in names) and s.process.poll() is not None:
+                raise FederationError(
+                    f"{s.name} exited with code {s.process.returncode}; last lines of "
+                    f"{s.log_path}:\n{s.tail()}"
+                )
+
+    def stop_all(self, grace: float = 15.0) -> None:
+        for s in reversed(self.services):
+            if s.process.poll() is None:
+                s.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for s in reversed(self.services):
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                s.process.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                s.process.kill()
+                s.process.wait()
+            s.log.close()
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    plan: PlanOptions
+    workdir: Path | None = None
+    data_dir: Path | None = None
+    expect_accuracy: float | None = None
+    plot: bool = True
+
+
+def _workdir(base: Path | None) -> Path:
+    if base is not None:
+        if base.exists() and any(base.iterdir()):
+            raise FederationError(f"--workdir {base} is not empty; give a new directory")
+        return base
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path("runs") / stamp
+    path.mkdir(parents=True, exist_ok=False)
+    latest = Path("runs") / "latest"
+    with contextlib.suppress(OSError):
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(stamp)
+    return path
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)  # the command's own output, not logging
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(opts: RunOptions) -> int:
+    workdir = _workdir(opts.workdir)
+    p = opts.plan
+    _say(
+        f"hfl run: a local federation in {workdir} (simulated SGX; {p.trainers} trainers; "
+        f"{p.model} on {p.dataset}, {p.partition}; {p.strategy}; {p.rounds} rounds)"
+    )
+    prepared = prepare(workdir, p)
+    supervisor = Supervisor(workdir)
+    with _sigterm_as_interrupt():
+        try:
+            history = _run_services(supervisor, prepared, opts)
+        except KeyboardInterrupt:
+            _say("interrupted: stopping every process of the federation")
+            supervisor.stop_all()
+            return 130
+        except BaseException:
+            supervisor.stop_all()
+            raise
+    supervisor.stop_all()
+    return _report(workdir, history, opts)
+
+
+def _common_args(prepared: Prepared, name: str) -> list[str]:
+    return [
+        "--policy", str(prepared.policy),
+        "--tee", "simulated",
+        "--sim-platform", str(prepared.platform),
+        "--state-dir", str(prepared.directory / "state" / name),
+        "--listen", "127.0.0.1:0",
+        "--metrics-listen", "127.0.0.1:0",
+    ]  # fmt: skip
+
+
+def _run_services(
+    supervisor: Supervisor, prepared: Prepared, opts: RunOptions
+) -> aggregator_pb2.GetStatusResponse:
+    att = supervisor.start(
+        "attestation", "hfl_attestation.main", _common_args(prepared, "attestation")
+    )
+    supervisor.wait_ready(att)
+    attestation = f"127.0.0.1:{att.grpc_port}"
+    agg = supervisor.start(
+        "aggregator",
+        "hfl_aggregator.main",
+        [*_common_args(prepared, "aggregator"), "--plan", str(prepared.plan),
+         "--attestation", attestation],
+    )  # fmt: skip
+    supervisor.wait_ready(agg)
+    aggregator = f"127.0.0.1:{agg.grpc_port}"
+    n = opts.plan.trainers
+    trainers = []
+    for i in range(n):
+        args = [
+            *_common_args(prepared, f"trainer-{i + 1}"),
+            "--plan", str(prepared.plan),
+            "--attestation", attestation,
+            "--aggregator", aggregator,
+            "--label", f"trainer-{i + 1}",
+            "--trainer-index", str(i),
+            "--num-partitions", str(n),
+        ]  # fmt: skip
+        if opts.data_dir is not None:
+            args += ["--data-dir", str(opts.data_dir)]
+        trainers.append(supervisor.start(f"trainer-{i + 1}", "hfl_trainer.main", args))
+    operator = obtain_operator_certificate(
+        prepared.operator_dir, attestation, prepared.policy, prepared.platform
+    )
+    for t in trainers:
+        supervisor.wait_ready(t)
+    endpoints = {
+        s.name: {
+            "grpc": f"127.0.0.1:{s.grpc_port}",
+            "metrics": f"http://127.0.0.1:{s.metrics_port}/metrics",
+        }
+        for s in supervisor.services
+    }
+    (prepared.directory / "endpoints.json").write_text(json.dumps(endpoints, indent=2))
+    for name, e in endpoints.items():
+        _say(f"  {name:<12} gRPC {e['grpc']:<22} metrics {e['metrics']}")
+    _say(f"  operator credentials for grpcurl and `hfl status`: {prepared.operator_dir}")
+    return _follow(supervisor, operator, aggregator, opts)
+
+
+def _follow(
+    supervisor: Supervisor, operator: OperatorCredentials, aggregator: str, opts: RunOptions
+) -> aggregator_pb2.GetStatusResponse:
+    channel = aggregator_channel(aggregator, operator)
+    stub = aggregator_pb2_grpc.AggregatorServiceStub(channel)
+    shown: set[tuple[int, int]] = set()
+    try:
+        while True:
+            supervisor.check_alive(["attestation", "aggregator"])
+            try:
+                status = stub.GetStatus(aggregator_pb2.GetStatusRequest(), timeout=10)
+            except grpc.RpcError as err:
+                code = err.code() if isinstance(err, grpc.Call) else None
+                raise UnavailableError(f"aggregator Status failed: {code}: {err}") from None
+            for r in status.rounds:
+                key = (r.round, r.attempt)
+                settled = r.state == "failed" or (
+                    r.state == "completed"
+                    and (r.eval_examples > 0 or status.round > r.round or status.state == "done")
+                )
+                if key not in shown and settled:
+                    shown.add(key)
+                    _say(_round_line(r, status.total_rounds))
+            if status.state == "failed":
+                raise FederationError("the federation failed; see the aggregator's log")
+            if status.state == "done":
+                return status
+            if all(s.process.poll() is not None for s in supervisor.services[2:]):
+                supervisor.check_alive()
+            time.sleep(POLL_SECONDS)
+    finally:
+        channel.close()
+
+
+def _fmt(value: float, spec: str = ".4f") -> str:
+    return format(value, spec) if value and math.isfinite(value) else "   -  "
+
+
+def _round_line(r: aggregator_pb2.RoundSummary, total: int) -> str:
+    if r.state == "failed":
+        return f"round {r.round:>3}/{total}  attempt {r.attempt} failed: {r.failure_reason}"
+    return (
+        f"round {r.round:>3}/{total}  {r.updates} updates  train loss {_fmt(r.train_loss)}  "
+        f"eval loss {_fmt(r.eval_loss)}  accuracy {_fmt(r.eval_accuracy)}  "
+        f"({r.duration_seconds:.1f} s)"
+    )
+
+
+def _report(workdir: Path, status: aggregator_pb2.GetStatusResponse, opts: RunOptions) -> int:
+    rows = [r for r in status.rounds if r.state == "completed"]
+    _say("")
+    _say(" round | updates | train loss | eval loss | accuracy | seconds")
+    _say("-------+---------+------------+-----------+----------+--------")
+    for r in rows:
+        _say(
+            f" {r.round:>5} | {r.updates:>7} | {_fmt(r.train_loss):>10} | "
+            f"{_fmt(r.eval_loss):>9} | {_fmt(r.eval_accuracy):>8} | {r.duration_seconds:>6.1f}"
+        )
+    records: list[dict[str, Any]] = [
+        {"round": r.round, "updates": r.updates, "train_loss": r.train_loss,
+         "eval_loss": r.eval_loss, "eval_accuracy": r.eval_accuracy,
+         "seconds": r.duration_seconds}
+        for r in rows
+    ]  # fmt: skip
+    (workdir / "rounds.json").write_text(json.dumps(records, indent=2))
+    if opts.plot and rows:
+        path = _plot(workdir, records)
+        _say(f"\nplot of loss and accuracy per round: {path}")
+    evaluated = [r for r in rows if r.eval_examples > 0]
+    final = evaluated[-1].eval_accuracy if evaluated else float("nan")
+    _say(f"federation done: {len(rows)} rounds, final test accuracy {final:.4f}")
+    if opts.expect_accuracy is not None:
+        if not final >= opts.expect_accuracy:
+            _say(f"FAILED: accuracy {final:.4f} is below the expected {opts.expect_accuracy:.2f}")
+            return 1
+        _say(f"reached the expected test accuracy of at least {opts.expect_accuracy:.0%}")
+    return 0
+
+
+def _plot(workdir: Path, records: list[dict[str, Any]]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in records]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(rounds, [r["train_loss"] for r in records], marker="o", label="train loss")
+    ax1.plot(rounds, [r["eval_loss"] or float("nan") for r in records], marker="s",
+             label="eval loss")  # fmt: skip
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    ax2.plot(rounds, [r["eval_accuracy"] or float("nan") for r in records], marker="o",
+             color="tab:green")  # fmt: skip
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("test accuracy (federated evaluation)")
+    ax2.set_ylim(0, 1)
+    ax2.grid(alpha=0.3)
+    fig.suptitle("hfl local federation")
+    fig.tight_layout()
+    path = workdir / "metrics.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
