@@ -116,6 +116,10 @@ def _init_main(argv: Sequence[str] | None) -> int:
     p.add_argument("--trainers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=10)
     ns = p.parse_args(argv)
+    if (ns.directory / "policy.toml").exists():
+        # Re-running must not change identities or keys: the services' state depends on them.
+        print(f"{ns.directory} is already initialised; leaving it as it is")
+        return 0
     prepared = prepare(ns.directory, PlanOptions(trainers=ns.trainers, rounds=ns.rounds))
     print(
         f"wrote {prepared.policy}, {prepared.plan}, {prepared.platform}/, {prepared.operator_dir}/"

@@ -1,0 +1,297 @@
+"""deploy/compose.yaml, the Dockerfiles and deploy/deploy.mk.
+
+There is no Docker engine in CI: the compose file is validated by
+`docker-compose config` (Debian package docker-compose; a missing binary fails
+the test) and structurally; the Dockerfiles are checked as text.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .prom_helpers import REPO, require_tool
+
+DEPLOY = REPO / "deploy"
+COMPOSE = DEPLOY / "compose.yaml"
+DOCKER = DEPLOY / "docker"
+DOCKERFILES = sorted(p for p in DOCKER.glob("Dockerfile.*") if p.suffix != ".dockerignore")
+SIMULATED = {"attestation": 9400, "aggregator": 9401, "trainer-1": 9410, "trainer-2": 9410}
+SGX = {f"{name}-sgx": port for name, port in SIMULATED.items()}
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return data
+
+
+def services() -> dict[str, Any]:
+    svcs: dict[str, Any] = compose()["services"]
+    return svcs
+
+
+def docker_compose(*args: str) -> subprocess.CompletedProcess[str]:
+    tool = require_tool("docker-compose", "docker-compose")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HFL_", "COMPOSE_"))}
+    return subprocess.run(
+        [tool, "-f", str(COMPOSE), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize("profile", ["simulated", "sgx"])
+def test_docker_compose_accepts_the_file(profile: str) -> None:
+    proc = docker_compose("--profile", profile, "config", "-q")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_docker_compose_resolves_both_profiles() -> None:
+    proc = docker_compose("--profile", "simulated", "--profile", "sgx", "config")
+    assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(proc.stdout)["services"]
+    assert set(resolved) == {"sim-bootstrap", "prometheus", "grafana", *SIMULATED, *SGX}
+    # Anchors and merge keys expanded: each SGX service has the devices.
+    assert "/dev/sgx_enclave:/dev/sgx_enclave" in resolved["trainer-2-sgx"]["devices"]
+
+
+def test_each_hfl_service_is_in_exactly_one_profile() -> None:
+    svcs = services()
+    for name in SIMULATED:
+        assert svcs[name]["profiles"] == ["simulated"], name
+    for name in SGX:
+        assert svcs[name]["profiles"] == ["sgx"], name
+    assert svcs["sim-bootstrap"]["profiles"] == ["simulated"]
+    assert "profiles" not in svcs["prometheus"]
+    assert "profiles" not in svcs["grafana"]
+
+
+def test_sgx_services_get_the_devices_and_aesm_socket_and_keep_the_names() -> None:
+    svcs = services()
+    for name in SGX:
+        svc = svcs[name]
+        assert set(svc["devices"]) == {
+            "/dev/sgx_enclave:/dev/sgx_enclave",
+            "/dev/sgx_provision:/dev/sgx_provision",
+        }
+        assert "/var/run/aesmd:/var/run/aesmd" in svc["volumes"]
+        assert svc["networks"]["default"]["aliases"] == [name.removesuffix("-sgx")]
+        assert "build" not in svc, f"{name}: SGX images are built and signed by make sgx-images"
+        assert svc["image"].startswith("hfl-sgx-")
+
+
+@pytest.mark.parametrize("name", [*SIMULATED, *SGX])
+def test_hfl_services_have_a_readyz_healthcheck_on_their_metrics_port(name: str) -> None:
+    port = {**SIMULATED, **SGX}[name]
+    test = services()[name]["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    assert f"http://127.0.0.1:{port}/readyz" in " ".join(test)
+
+
+@pytest.mark.parametrize("name", [*SIMULATED, *SGX])
+def test_sealed_state_is_a_named_volume_per_service(name: str) -> None:
+    top_volumes = set(compose()["volumes"])
+    state = [v for v in services()[name]["volumes"] if v.endswith(":/var/lib/hfl")]
+    assert len(state) == 1
+    volume = state[0].split(":")[0]
+    assert volume in top_volumes
+    others = [n for n in {**SIMULATED, **SGX} if n != name]
+    assert all(state[0] not in services()[o]["volumes"] for o in others)
+
+
+def test_simulated_services_read_policy_and_plan_from_the_bootstrapped_volume() -> None:
+    svcs = services()
+    assert svcs["sim-bootstrap"]["command"] == ["init", "/sim"]
+    assert "sim-platform:/sim" in svcs["sim-bootstrap"]["volumes"]
+    for name in SIMULATED:
+        vols = svcs[name]["volumes"]
+        assert "sim-platform:/sim:ro" in vols
+        env = svcs[name]["environment"]
+        assert env["HFL_POLICY"] == "/sim/policy.toml"
+        assert env["HFL_SIM_PLATFORM"] == "/sim/platform"
+        deps = svcs[name]["depends_on"]
+        assert deps["sim-bootstrap"]["condition"] == "service_completed_successfully"
+    for name in ("aggregator", "trainer-1", "trainer-2"):
+        assert svcs[name]["environment"]["HFL_PLAN"] == "/sim/plan.toml"
+
+
+def test_startup_order_follows_health() -> None:
+    svcs = services()
+    assert svcs["aggregator"]["depends_on"]["attestation"]["condition"] == "service_healthy"
+    assert svcs["trainer-1"]["depends_on"]["aggregator"]["condition"] == "service_healthy"
+    assert svcs["trainer-2-sgx"]["depends_on"]["aggregator-sgx"]["condition"] == "service_healthy"
+
+
+def test_trainers_are_distinct_parties() -> None:
+    svcs = services()
+    for suffix in ("", "-sgx"):
+        one = svcs[f"trainer-1{suffix}"]["environment"]
+        two = svcs[f"trainer-2{suffix}"]["environment"]
+        assert (one["HFL_LABEL"], one["HFL_TRAINER_INDEX"]) == ("trainer-1", "0")
+        assert (two["HFL_LABEL"], two["HFL_TRAINER_INDEX"]) == ("trainer-2", "1")
+        assert one["HFL_AGGREGATOR"] == "aggregator:7401"
+
+
+def test_dashboards_are_only_published_on_loopback() -> None:
+    svcs = services()
+    assert svcs["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
+    assert svcs["grafana"]["ports"] == ["127.0.0.1:3000:3000"]
+    for name in SIMULATED | SGX:
+        for port in services()[name].get("ports", []):
+            assert port.split(":")[-1] in {"7400", "7401"}, f"{name} publishes {port}"
+
+
+# --- Dockerfiles ------------------------------------------------------------
+
+
+def froms(path: Path) -> list[str]:
+    return re.findall(r"^FROM\s+(\S+)", path.read_text(), flags=re.M)
+
+
+@pytest.mark.parametrize("service", ["attestation", "aggregator", "trainer"])
+def test_service_dockerfile_is_multi_stage_non_root_with_healthcheck(service: str) -> None:
+    path = DOCKER / f"Dockerfile.{service}"
+    text = path.read_text()
+    assert len(froms(path)) == 2
+    assert "ARG PYTHON_IMAGE=python:3.11-slim-bookworm" in text
+    assert f"uv export --frozen --package hfl-{service} --no-dev --no-editable" in text
+    assert "--require-hashes" in text
+    assert re.search(r"^USER hfl$", text, flags=re.M)
+    assert re.search(r"^HEALTHCHECK .*", text, flags=re.M)
+    assert "/readyz" in text
+    assert f'ENTRYPOINT ["hfl-{service}"]' in text
+
+
+def test_aggregator_image_refuses_tensorflow() -> None:
+    text = (DOCKER / "Dockerfile.aggregator").read_text()
+    assert "tensorflow must not be in the aggregator image" in text
+    assert "services/trainer" not in text
+
+
+def test_locked_aggregator_dependencies_exclude_tensorflow_and_trainer_has_it() -> None:
+    uv = REPO / ".tools" / "bin" / "uv"
+    uv_path = str(uv) if uv.exists() else shutil.which("uv")
+    assert uv_path, "uv is needed (make install puts it in .tools/bin/uv)"
+
+    def export(package: str) -> str:
+        proc = subprocess.run(
+            [
+                uv_path,
+                "export",
+                "--frozen",
+                "--package",
+                package,
+                "--no-dev",
+                "--no-editable",
+                "--no-emit-workspace",
+                "--no-header",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        return proc.stdout
+
+    aggregator = export("hfl-aggregator")
+    assert "numpy==" in aggregator
+    assert "tensorflow" not in aggregator
+    assert "keras" not in aggregator
+    assert "tensorflow-cpu==" in export("hfl-trainer")
+
+
+def test_sgx_dockerfile_signs_with_a_secret_and_never_copies_a_key() -> None:
+    path = DOCKER / "Dockerfile.sgx"
+    text = path.read_text()
+    assert "ARG GRAMINE_IMAGE=gramineproject/gramine:1.8-jammy" in text
+    assert "--mount=type=secret,id=sgx_signing_key,required=true" in text
+    assert "libsgx-dcap-default-qpl" in text
+    assert "sgx_default_qcnl.conf" in text
+    assert "gramine-sgx " in text
+    for line in text.splitlines():
+        if line.startswith(("COPY", "ADD")):
+            assert not re.search(r"\.pem|key", line, flags=re.I), line
+    assert re.search(r"^USER hfl$", text, flags=re.M)
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_base_images_are_pinned_by_tag(path: Path) -> None:
+    text = path.read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, flags=re.M))
+    for image in froms(path):
+        name = image
+        match = re.fullmatch(r"\$\{(\w+)\}", image)
+        if match:
+            name = args[match.group(1)]
+        if ":" not in name and name in {"builder", "base"}:
+            continue  # a stage of this file
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+(@sha256:[0-9a-f]{64})?", name), name
+        assert not name.endswith(":latest")
+
+
+def test_qcnl_template_renders_to_json() -> None:
+    import json
+
+    text = (DEPLOY / "sgx" / "sgx_default_qcnl.conf.template").read_text()
+    rendered = text.replace("@PCCS_URL@", "https://pccs.example/sgx/certification/v4/")
+    conf = json.loads(rendered.replace("@USE_SECURE_CERT@", "true"))
+    assert conf["pccs_url"] == "https://pccs.example/sgx/certification/v4/"
+    assert conf["use_secure_cert"] is True
+
+
+# --- deploy/deploy.mk -----------------------------------------------------------
+
+
+def make(*args: str) -> subprocess.CompletedProcess[str]:
+    tool = require_tool("make", "make")
+    return subprocess.run(
+        [tool, "--no-print-directory", "-f", "deploy/deploy.mk", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        timeout=60,
+    )
+
+
+def test_make_up_starts_the_chosen_profile() -> None:
+    proc = make("-n", "up", "COMPOSE=docker compose")
+    assert proc.returncode == 0, proc.stderr
+    assert "docker compose -f deploy/compose.yaml --profile simulated up -d --build" in proc.stdout
+    proc = make("-n", "up", "PROFILE=sgx", "COMPOSE=docker compose")
+    assert "--profile sgx up -d --build" in proc.stdout
+    assert "--profile sgx" in make("-n", "down", "COMPOSE=docker compose").stdout
+
+
+def test_make_up_refuses_an_unknown_profile() -> None:
+    proc = make("up", "PROFILE=prod", "COMPOSE=false")
+    assert proc.returncode != 0
+    assert "PROFILE must be simulated or sgx, not 'prod'" in proc.stdout
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_each_dockerfile_has_an_allow_list_dockerignore(path: Path) -> None:
+    ignore = path.with_name(path.name + ".dockerignore")
+    lines = [
+        line.strip()
+        for line in ignore.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*", "the context must start from nothing (no .venv, .git, keys)"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    copied = set(re.findall(r"^COPY\s+(?!--from)(.+)\s+\S+$", path.read_text(), flags=re.M))
+    for sources in copied:
+        for raw in sources.split():
+            source = raw.rstrip("/")
+            assert any(source == a or source.startswith(a + "/") for a in allowed), source
