@@ -11,7 +11,18 @@ PY := $(VENV)/bin/python
 BUF_VERSION := 1.47.2
 BUF := node_modules/.bin/buf
 
-.PHONY: install test test-fast lint proto proto-check buf-lint
+.PHONY: help install test test-fast lint proto proto-check buf-breaking demo bench
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make demo         run a whole local federation (simulated SGX) and check it reaches 95%"
+	@echo "make test         install (uv.lock) and run every test, slow ones included"
+	@echo "make test-fast    the tests not marked slow"
+	@echo "make lint         ruff, ruff format --check, mypy --strict, buf lint, buf breaking"
+	@echo "make proto        regenerate the hfl.v1 Python code;  make proto-check: fail if stale"
+	@echo "make bench        benchmarks (ratios against a baseline in the same run)"
+	@echo "make up / down    docker compose: PROFILE=simulated (default) or sgx"
+	@echo "make manifests sign policy sgx-images   Gramine SGX builds (docs/deployment.md)"
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -30,6 +41,18 @@ $(BUF):
 # federations) are included: CI runs everything.
 test: install
 	$(PY) -m pytest -q
+
+# The first thing to run: a whole federation on this machine (simulated SGX,
+# 2 trainers, bundled digits data), which must reach 95% test accuracy.
+demo: install
+	$(VENV)/bin/hfl run --expect-accuracy 0.95
+
+# Benchmarks: ratios against a baseline measured in the same run.
+bench: install
+	$(PY) benchmarks/bench_codec.py
+	$(PY) benchmarks/bench_fold_memory.py
+	$(PY) benchmarks/bench_attestation.py
+	$(PY) benchmarks/bench_trainer_throughput.py --quick
 
 # Everything but the tests marked slow.
 test-fast: install
@@ -53,3 +76,6 @@ proto: install
 
 proto-check: install
 	$(PY) scripts/gen_protos.py --check
+
+include gramine/gramine.mk
+include deploy/deploy.mk
