@@ -260,7 +260,10 @@ class FederationClient:
         self._set(model_version=version)
         if task.update_kind == aggregator_pb2.UPDATE_KIND_GRADIENT:
             g = self._trainer.compute_gradient(weights, int(task.seed))
-            update = {**g.gradients, **g.non_trainable}
+            # Gradients for trainable variables; the new values of non-trainable ones
+            # (BatchNorm statistics), which the aggregator averages rather than steps.
+            update = self._privatize(task, g.gradients)
+            update.update(g.non_trainable)
             update = {name: update[name] for name in weights}
             num_examples, loss, accuracy = g.num_examples, g.loss, math.nan
         else:
@@ -277,16 +280,7 @@ class FederationClient:
                 self._metrics.examples.inc(result.num_examples * max(1, task.local_epochs))
             if self._progress is not None:
                 self._progress.round_finished(task.round, result)
-        if task.privacy.clip_norm > 0:
-            update, norm = clip_update(update, task.privacy.clip_norm)
-            log.debug("update L2 norm %.4g clipped to %.4g", norm, task.privacy.clip_norm)
-            if task.privacy.noise_multiplier > 0:
-                update = add_gaussian_noise(
-                    update,
-                    task.privacy.noise_multiplier,
-                    task.privacy.clip_norm,
-                    np.random.default_rng(secrets.randbits(64)),
-                )
+            update = self._privatize(task, update)
         self._set(last_train_loss=loss)
         self._upload(task, version, update, num_examples, loss, accuracy)
         if self._metrics is not None:
@@ -295,6 +289,21 @@ class FederationClient:
                 self._metrics.train_loss.set(loss)
         if self._on_round is not None:
             self._on_round(task.round)
+
+    @staticmethod
+    def _privatize(
+        task: aggregator_pb2.Task, update: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Client-side DP as the plan asks: clip the update's L2 norm, add Gaussian noise."""
+        privacy = task.privacy
+        if privacy.clip_norm <= 0:
+            return dict(update)
+        clipped, norm = clip_update(update, privacy.clip_norm)
+        log.debug("update L2 norm %.4g clipped to %.4g", norm, privacy.clip_norm)
+        if privacy.noise_multiplier <= 0:
+            return clipped
+        rng = np.random.default_rng(secrets.randbits(64))
+        return add_gaussian_noise(clipped, privacy.noise_multiplier, privacy.clip_norm, rng)
 
     def _upload(
         self,
