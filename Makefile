@@ -53,6 +53,7 @@ bench: install
 	$(PY) benchmarks/bench_fold_memory.py
 	$(PY) benchmarks/bench_attestation.py
 	$(PY) benchmarks/bench_trainer_throughput.py --quick
+	$(PY) benchmarks/bench_compression.py
 
 # Everything but the tests marked slow.
 test-fast: install
