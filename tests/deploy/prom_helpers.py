@@ -8,10 +8,19 @@ Prometheus (or `promtool`) against it.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import yaml
 
@@ -164,7 +173,7 @@ def render_local_config(
             continue
         static = []
         for index, address in enumerate(addresses, start=1):
-            labels = {"role": role}
+            labels = {"component": role}
             if role == "trainer":
                 labels["party"] = f"trainer-{index}"
             static.append({"targets": [address], "labels": labels})
@@ -195,3 +204,128 @@ def require_tool(name: str, package: str) -> str:
             "CI installs it in .ci/run; these checks must not be skipped."
         )
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for tools that cannot bind port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    """Status code and body of a plain-HTTP GET; error statuses are returned, not raised."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as err:
+        return int(err.code), err.read().decode(errors="replace")
+
+
+# One sample of an instant vector: its labels and its value.
+Sample = tuple[dict[str, str], float]
+
+
+@dataclass
+class PrometheusServer:
+    """A real `prometheus` process on 127.0.0.1, with its log and TSDB in a test directory."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+    log: IO[bytes]
+
+    @classmethod
+    def start(
+        cls, config_text: str, directory: Path, *, timeout: float = 60.0, attempts: int = 3
+    ) -> PrometheusServer:
+        """Write `config_text`, start Prometheus on a free port and wait for /-/ready.
+
+        Prometheus cannot listen on port 0 and report the port, so a port that was free is
+        picked; if another process takes it first, Prometheus exits and a new port is tried.
+        """
+        binary = require_tool("prometheus", "prometheus")
+        directory.mkdir(parents=True, exist_ok=True)
+        config = directory / "prometheus.yml"
+        config.write_text(config_text)
+        failure = ""
+        for attempt in range(attempts):
+            port = free_port()
+            log_path = directory / f"prometheus-{attempt}.log"
+            log = log_path.open("wb")
+            process = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={directory / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+            server = cls(process, f"http://127.0.0.1:{port}", log_path, log)
+            try:
+                server.wait_ready(timeout)
+            except AssertionError as err:
+                server.stop()
+                failure = str(err)
+                if "address already in use" not in server.tail():
+                    raise
+                continue
+            return server
+        raise AssertionError(f"prometheus did not start in {attempts} attempts: {failure}")
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"prometheus exited with code {self.process.returncode} while starting; "
+                    f"last lines of {self.log_path}:\n{self.tail()}"
+                )
+            try:
+                status, _ = http_get(f"{self.url}/-/ready", timeout=2.0)
+            except OSError:
+                status = 0
+            if status == 200:
+                return
+            time.sleep(0.2)
+        raise AssertionError(
+            f"prometheus at {self.url} was not ready within {timeout:.0f} s; "
+            f"last lines of {self.log_path}:\n{self.tail()}"
+        )
+
+    def api(self, path: str, **params: str) -> Any:
+        """The `data` of a successful /api/v1/<path> answer."""
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        status, body = http_get(f"{self.url}/api/v1/{path}{query}")
+        answer = json.loads(body)
+        if status != 200 or answer.get("status") != "success":
+            raise AssertionError(f"prometheus /api/v1/{path}{query} answered {status}: {body}")
+        return answer["data"]
+
+    def query(self, expr: str) -> list[Sample]:
+        """An instant query; the samples of the resulting vector."""
+        data = self.api("query", query=expr)
+        if data["resultType"] != "vector":
+            raise AssertionError(f"{expr!r} gave a {data['resultType']}, not an instant vector")
+        return [(r["metric"], float(r["value"][1])) for r in data["result"]]
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM, wait `grace` seconds, then SIGKILL; harmless if already stopped."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()

@@ -23,7 +23,7 @@ from .prom_helpers import (
 
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
-AGG = 'job="hfl-aggregator",instance="aggregator:9401",role="aggregator"'
+AGG = 'job="hfl-aggregator",instance="aggregator:9401",component="aggregator"'
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -49,7 +49,7 @@ def test_promtool_accepts_the_alert_rules() -> None:
 def test_every_service_is_scraped_with_job_and_role_labels() -> None:
     jobs = {j["job_name"]: j["static_configs"] for j in load_yaml(CONFIG)["scrape_configs"]}
     targets = {
-        job: sorted((t, s["labels"]["role"]) for s in static for t in s["targets"])
+        job: sorted((t, s["labels"]["component"]) for s in static for t in s["targets"])
         for job, static in jobs.items()
     }
     assert targets == {
@@ -85,7 +85,7 @@ def _alert(eval_time: str, name: str, alerts: list[dict[str, Any]]) -> dict[str,
 
 
 def test_round_stalled_fires_only_while_the_federation_is_not_done(tmp_path: Path) -> None:
-    labels = {"job": "hfl-aggregator", "instance": "aggregator:9401", "role": "aggregator"}
+    labels = {"job": "hfl-aggregator", "instance": "aggregator:9401", "component": "aggregator"}
     stalled = {
         "exp_labels": {**labels, "severity": "warning"},
         "exp_annotations": {
@@ -129,9 +129,9 @@ def test_round_stalled_fires_only_while_the_federation_is_not_done(tmp_path: Pat
 
 
 def test_trainer_down_fires_after_two_minutes(tmp_path: Path) -> None:
-    trainer = {"job": "hfl-trainer", "instance": "trainer-2:9410", "role": "trainer"}
+    trainer = {"job": "hfl-trainer", "instance": "trainer-2:9410", "component": "trainer"}
     trainer["party"] = "trainer-2"
-    up = 'up{job="hfl-trainer",instance="trainer-2:9410",role="trainer",party="trainer-2"}'
+    up = 'up{job="hfl-trainer",instance="trainer-2:9410",component="trainer",party="trainer-2"}'
     test = {
         "interval": "1m",
         "input_series": [{"series": up, "values": "1 1 0 0 0 0"}],
@@ -212,7 +212,7 @@ def test_attestation_refusals_and_checkpoint_errors_fire(tmp_path: Path) -> None
                         "exp_labels": {
                             "job": "hfl-aggregator",
                             "instance": "aggregator:9401",
-                            "role": "aggregator",
+                            "component": "aggregator",
                             "result": "error",
                             "severity": "critical",
                         },

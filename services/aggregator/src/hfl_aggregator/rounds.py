@@ -167,6 +167,7 @@ class RoundEngine:
         self._phase = Phase.WAITING
         self._round: _Round | None = None
         self._failure = ""
+        self._closing = False
         self._spec = {name: (arr.shape, arr.dtype) for name, arr in initial_weights.items()}
         if checkpoints is not None:
             ckpt = checkpoints.load(plan.sha256_hex)
@@ -304,17 +305,37 @@ class RoundEngine:
 
     # ------------------------------------------------------------------ tasks
 
-    def next_task(self, session_id: str, wait_seconds: float) -> Task:
-        """The trainer's next task; waits up to `wait_seconds` while there is none."""
+    def next_task(
+        self,
+        session_id: str,
+        wait_seconds: float,
+        is_active: Callable[[], bool] = lambda: True,
+    ) -> Task:
+        """The trainer's next task; waits up to `wait_seconds` while there is none.
+
+        Returns WAIT at once when the engine is closing (the server drains) or the caller
+        went away (`is_active` False), so no long-poll holds a shutdown.
+        """
         end = self._clock() + max(0.0, wait_seconds)
         with self._cond:
             while True:
                 record = self._touch(session_id)
                 task = self._task_for(record.trainer_id)
                 remaining = end - self._clock()
-                if task.kind is not TaskKind.WAIT or remaining <= 0:
+                if (
+                    task.kind is not TaskKind.WAIT
+                    or remaining <= 0
+                    or self._closing
+                    or not is_active()
+                ):
                     return task
                 self._cond.wait(timeout=min(remaining, 1.0))
+
+    def close(self) -> None:
+        """Stop holding long-polls (called as the server begins to drain)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
 
     def _task_for(self, trainer_id: str) -> Task:
         if self._phase is Phase.DONE:

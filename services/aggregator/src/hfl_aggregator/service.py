@@ -26,6 +26,7 @@ from hfl_common.errors import (
     HflError,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
     StreamError,
     UnauthenticatedError,
 )
@@ -127,7 +128,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         self, request: aggregator_pb2.GetTaskRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.GetTaskResponse:
         wait = min(float(request.wait_seconds), MAX_POLL_SECONDS)
-        task = self._engine.next_task(request.session_id, wait)
+        task = self._engine.next_task(request.session_id, wait, context.is_active)
         t = self._plan.training
         msg = aggregator_pb2.Task(
             task_id=task.task_id,
@@ -224,6 +225,14 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         header: tensor_pb2.TensorStreamHeader,
         parts: Iterator[aggregator_pb2.UploadUpdateRequest],
     ) -> dict[str, np.ndarray]:
+        # The declared size first: a header announcing more than the model can hold is
+        # refused as too large, before its specs are even compared.
+        if header.total_bytes > self._max_update_bytes:
+            raise ResourceExhaustedError(
+                f"update stream announces {header.total_bytes} bytes; an update of this "
+                f"model is at most {self._max_update_bytes} bytes",
+                "oversized",
+            )
         decoder = StreamDecoder(header, expected=self._spec, max_total_bytes=self._max_update_bytes)
         for part in _guarded(parts, decoder):
             which = part.WhichOneof("part")

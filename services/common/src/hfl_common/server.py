@@ -619,6 +619,7 @@ class RunningServer:
         self._health = health_servicer
         self._service_names = tuple(service_names)
         self._hooks: list[Callable[[], None]] = []
+        self._drain_hooks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._stopping = False
         self._serving = False
@@ -659,6 +660,12 @@ class RunningServer:
             "health of %s set to %s", self._config.service, "SERVING" if serving else "NOT_SERVING"
         )
 
+    def add_drain_hook(self, hook: Callable[[], None]) -> None:
+        """Run `hook` as draining begins, before in-flight calls are waited for (e.g. wake
+        long-polls so they answer at once instead of holding the grace period)."""
+        with self._lock:
+            self._drain_hooks.append(hook)
+
     def add_shutdown_hook(self, hook: Callable[[], None]) -> None:
         """Run `hook` once the server stopped (flush checkpoints, stop metrics); LIFO order."""
         with self._lock:
@@ -679,7 +686,13 @@ class RunningServer:
         grace = self._config.grace_seconds if grace is None else grace
         _LOG.info("stopping %s: draining for up to %.1f s", self._config.service, grace)
         self._health.enter_graceful_shutdown()
-        self._server.stop(grace).wait()
+        stopped = self._server.stop(grace)
+        for hook in self._drain_hooks:
+            try:
+                hook()
+            except Exception:
+                _LOG.exception("drain hook %r failed", hook)
+        stopped.wait()
         for hook in reversed(self._hooks):
             try:
                 hook()
@@ -689,8 +702,19 @@ class RunningServer:
         self._stopped.set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the server stopped and its hooks ran; False if `timeout` passed first."""
-        return self._stopped.wait(timeout)
+        """Block until the server stopped and its hooks ran; False if `timeout` passed first.
+
+        Waits in short slices: a signal delivered to another thread (gRPC's, TensorFlow's)
+        does not interrupt a blocking wait, and Python runs signal handlers only when the
+        main thread executes bytecode.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            slice_ = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if slice_ <= 0:
+                return self._stopped.is_set()
+            if self._stopped.wait(slice_):
+                return True
 
     def install_signal_handlers(self) -> None:
         """On SIGTERM or SIGINT, stop gracefully in a background thread; `wait()` then returns.
