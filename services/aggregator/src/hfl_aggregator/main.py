@@ -5,16 +5,22 @@ pins (SHA-256 checked) -> the enclave (evidence, sealing, verifier) -> verify
 and pin the attestation service -> our certificate, with the plan's hash in
 report_data[32:64] -> the round engine (resuming from a sealed checkpoint if
 one exists) -> the gRPC server (mTLS, role + quote check on every call) ->
-SERVING. SIGTERM drains, writes a final checkpoint and exits 0.
+SERVING. A sealed checkpoint is written after every completed round (and its
+evaluation), so SIGTERM only drains and exits 0: no completed round is lost.
+
+Everything after the flags is `build_aggregator`, which tests call in-process
+(port 0, a fresh registry) and which returns a serving `RunningAggregator`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +48,13 @@ from hfl_common.runtime import (
     split_listen,
     write_port_file,
 )
-from hfl_common.server import PeerIdentity, ServerConfig, ServiceRegistration, build_server
+from hfl_common.server import (
+    PeerIdentity,
+    RunningServer,
+    ServerConfig,
+    ServiceRegistration,
+    build_server,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,81 +90,188 @@ def load_initial_weights(plan: FederationPlan) -> dict[str, np.ndarray]:
         return {name: npz[name] for name in npz.files}
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    ns = parser().parse_args(argv)
-    configure_logging("aggregator", ns.log_level, True if ns.log_json else None)
-    plan = load_plan(ns.plan)
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """Everything an aggregator is built from. Made once from flags (`from_args`) or by a test.
+
+    `listen` and `metrics_listen` are HOST:PORT; port 0 lets the OS choose (tests).
+    `metrics_listen` None serves no /metrics HTTP at all (in-process tests read the
+    registry directly).
+    `tick_seconds` is how often round deadlines are enforced; `grace_seconds` how long
+    in-flight calls may run on when the server stops.
+    """
+
+    enclave: EnclaveOptions
+    plan_path: Path
+    attestation: str
+    label: str = "aggregator"
+    listen: str = "127.0.0.1:7401"
+    metrics_listen: str | None = "127.0.0.1:9401"
+    upload_slots: int = 1
+    tick_seconds: float = TICK_SECONDS
+    grace_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.upload_slots < 1:
+            raise ConfigError(f"--upload-slots {self.upload_slots} must be at least 1")
+        if self.tick_seconds <= 0:
+            raise ConfigError(f"tick_seconds {self.tick_seconds} must be above 0")
+
+    @property
+    def state_dir(self) -> Path:
+        return self.enclave.state_dir
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> AggregatorConfig:
+        return cls(
+            enclave=EnclaveOptions.from_args("aggregator", ns),
+            plan_path=ns.plan,
+            attestation=ns.attestation,
+            label=ns.label,
+            listen=ns.listen,
+            metrics_listen=ns.metrics_listen,
+            upload_slots=ns.upload_slots,
+        )
+
+
+@dataclass
+class RunningAggregator:
+    """A started, SERVING aggregator: its server, round engine, plan and bound ports."""
+
+    server: RunningServer
+    engine: RoundEngine
+    plan: FederationPlan
+    metrics: AggregatorMetrics
+    registry: CollectorRegistry
+    host: str
+    # 0 when no metrics HTTP server was asked for
+    metrics_port: int
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def target(self) -> str:
+        """HOST:PORT to dial (what connect_verified takes)."""
+        return f"{self.host}:{self.server.port}"
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain (`grace` seconds, default the config's), stop the ticker, metrics,
+        certificate renewal and the attestation channel. Idempotent; blocks until done."""
+        self.server.stop(grace)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until stopped (by stop() or a signal); False if `timeout` passed first."""
+        return self.server.wait(timeout)
+
+
+def build_aggregator(config: AggregatorConfig, registry: CollectorRegistry) -> RunningAggregator:
+    """Attest, resume or start the round engine, and serve; returns once SERVING.
+
+    Raises ConfigError (bad plan, weights, policy or checkpoint) or what attestation
+    raises; on failure whatever was started (renewal, channels, server) is stopped again.
+    """
+    plan = load_plan(config.plan_path)
     weights = load_initial_weights(plan)
-    registry = CollectorRegistry()
-    enclave = Enclave.open(EnclaveOptions.from_args("aggregator", ns), registry)
-    credentials, renewer, pinned = enclave.attest(ns.attestation, ns.label, plan.sha256)
-    ns.state_dir.mkdir(parents=True, exist_ok=True)
-    metrics = AggregatorMetrics.create(registry)
-    strategy = make_strategy(plan.strategy.name, plan.strategy.params)
-    spill = ns.state_dir / "spill"
-    engine = RoundEngine(
-        plan,
-        strategy,
-        weights,
-        metrics,
-        checkpoints=CheckpointStore(ns.state_dir, enclave.sealing),
-        collector_factory=lambda s, w: RoundCollector.for_strategy(s, w, spill),
-    )
-    peers = enclave.peer_verifier()
+    enclave = Enclave.open(config.enclave, registry)
+    credentials, renewer, pinned = enclave.attest(config.attestation, config.label, plan.sha256)
+    with contextlib.ExitStack() as undo:
+        undo.callback(pinned.close)
+        undo.callback(renewer.stop)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        metrics = AggregatorMetrics.create(registry)
+        strategy = make_strategy(plan.strategy.name, plan.strategy.params)
+        spill = config.state_dir / "spill"
+        engine = RoundEngine(
+            plan,
+            strategy,
+            weights,
+            metrics,
+            checkpoints=CheckpointStore(config.state_dir, enclave.sealing),
+            collector_factory=lambda s, w: RoundCollector.for_strategy(s, w, spill),
+        )
+        peers = enclave.peer_verifier()
 
-    def mrenclave_of(peer: PeerIdentity) -> str:
-        m = peers.verify_peer(peer).measurements
-        return m.mrenclave.hex() if m is not None else ""
+        def mrenclave_of(peer: PeerIdentity) -> str:
+            m = peers.verify_peer(peer).measurements
+            return m.mrenclave.hex() if m is not None else ""
 
-    servicer = AggregatorServicer(
-        engine,
-        plan,
-        metrics,
-        specs_of(weights),
-        mrenclave_of=mrenclave_of,
-        upload_slots=ns.upload_slots,
-    )
-    host, port = split_listen(ns.listen)
-    server = build_server(
-        ServerConfig(service="aggregator", host=host, port=port),
-        services=[
-            ServiceRegistration(
-                SERVICE_NAME, servicer, aggregator_pb2_grpc.add_AggregatorServiceServicer_to_server
+        servicer = AggregatorServicer(
+            engine,
+            plan,
+            metrics,
+            specs_of(weights),
+            mrenclave_of=mrenclave_of,
+            upload_slots=config.upload_slots,
+        )
+        host, port = split_listen(config.listen)
+        server = build_server(
+            ServerConfig(
+                service="aggregator", host=host, port=port, grace_seconds=config.grace_seconds
+            ),
+            services=[
+                ServiceRegistration(
+                    SERVICE_NAME,
+                    servicer,
+                    aggregator_pb2_grpc.add_AggregatorServiceServicer_to_server,
+                )
+            ],
+            credentials=credentials.server_credentials(),
+            registry=registry,
+            authorizer=AttestedRoleAuthorizer(ALLOWED_ROLES, peers),
+        )
+        undo.callback(server.stop, 0)
+        metrics_port = 0
+        if config.metrics_listen is not None:
+            m_host, m_port = split_listen(config.metrics_listen)
+            metrics_port, stop_metrics = start_metrics_http(
+                registry, m_host, m_port, ready=lambda: server.serving
             )
-        ],
-        credentials=credentials.server_credentials(),
-        registry=registry,
-        authorizer=AttestedRoleAuthorizer(ALLOWED_ROLES, peers),
-    )
-    m_host, m_port = split_listen(ns.metrics_listen)
-    metrics_port, stop_metrics = start_metrics_http(
-        registry, m_host, m_port, ready=lambda: server.serving
-    )
-
+            server.add_shutdown_hook(stop_metrics)
+        # Nothing below can fail: from here on the server's shutdown hooks own the cleanup.
+        undo.pop_all()
     stop = threading.Event()
 
     def ticker() -> None:
-        while not stop.wait(TICK_SECONDS):
+        while not stop.wait(config.tick_seconds):
             engine.tick()
 
     threading.Thread(target=ticker, name="hfl-round-ticker", daemon=True).start()
-    server.add_shutdown_hook(stop_metrics)
     server.add_shutdown_hook(pinned.close)
     server.add_shutdown_hook(renewer.stop)
     server.add_shutdown_hook(stop.set)
-    server.install_signal_handlers()
+    server.add_drain_hook(engine.close)
     server.set_serving(True)
-    write_port_file(ns.port_file, server.port, metrics_port)
+    return RunningAggregator(
+        server=server,
+        engine=engine,
+        plan=plan,
+        metrics=metrics,
+        registry=registry,
+        host=host,
+        metrics_port=metrics_port,
+    )
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    ns = parser().parse_args(argv)
+    configure_logging("aggregator", ns.log_level, True if ns.log_json else None)
+    config = AggregatorConfig.from_args(ns)
+    aggregator = build_aggregator(config, CollectorRegistry())
+    aggregator.server.install_signal_handlers()
+    write_port_file(ns.port_file, aggregator.port, aggregator.metrics_port)
+    plan = aggregator.plan
     log.info(
         "aggregator serving on %s:%d (metrics :%d); plan %s, %d rounds of %s",
-        host,
-        server.port,
-        metrics_port,
+        aggregator.host,
+        aggregator.port,
+        aggregator.metrics_port,
         plan.sha256_hex[:16],
         plan.rounds,
         plan.strategy.name,
     )
-    server.wait()
+    aggregator.wait()
     return 0
 
 
