@@ -134,7 +134,9 @@ def start_metrics_http(
         return result
 
     httpd = make_server(host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler)
-    thread = threading.Thread(target=httpd.serve_forever, name="hfl-metrics-http", daemon=True)
+    thread = threading.Thread(
+        target=lambda: httpd.serve_forever(poll_interval=0.05), name="hfl-metrics-http", daemon=True
+    )
     thread.start()
     bound = int(httpd.server_port)
     stopped = False
