@@ -41,7 +41,9 @@ class Workload:
     learning_rate: float
 
 
-def measure(workload: Workload, epochs: int, repeats: int) -> tuple[float, float]:
+def measure(
+    workload: Workload, epochs: int, repeats: int, jit_compile: bool
+) -> tuple[float, float]:
     """Best examples/s of `model.fit` and of `train_delta`, measured alternately.
 
     Alternating the two keeps a change in machine load (other processes on a
@@ -56,7 +58,11 @@ def measure(workload: Workload, epochs: int, repeats: int) -> tuple[float, float
     )
     model = models.build_model(workload.model, data.input_shape, data.num_classes, seed=0)
     trainer = LocalTrainer(
-        model, data, batch_size=workload.batch_size, learning_rate=workload.learning_rate
+        model,
+        data,
+        batch_size=workload.batch_size,
+        learning_rate=workload.learning_rate,
+        jit_compile=jit_compile,
     )
     weights = models.get_weights(model)
     examples = epochs * data.y_train.shape[0]
@@ -87,6 +93,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer epochs and repeats")
     parser.add_argument("--epochs", type=int, default=None, help="timed epochs per measurement")
     parser.add_argument("--repeats", type=int, default=None, help="measurements (best kept)")
+    parser.add_argument(
+        "--jit",
+        action="store_true",
+        help="compile the trainer's steps with XLA (fit: Keras default)",
+    )
     args = parser.parse_args()
     epochs = args.epochs or (2 if args.quick else 5)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -103,11 +114,12 @@ def main() -> None:
     }
     print(
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
-        f"{os.cpu_count()} CPUs, {epochs} timed epochs, best of {repeats}"
+        f"{os.cpu_count()} CPUs, {epochs} timed epochs, best of {repeats}, "
+        f"trainer XLA {'on' if args.jit else 'off'}"
     )
     print(f"{'workload':32} {'examples':>8} {'fit ex/s':>10} {'trainer ex/s':>13} {'ratio':>6}")
     for label, workload in workloads.items():
-        fit, ours = measure(workload, epochs, repeats)
+        fit, ours = measure(workload, epochs, repeats, args.jit)
         examples = workload.dataset.y_train.shape[0]
         print(f"{label:32} {examples:>8} {fit:>10,.0f} {ours:>13,.0f} {ours / fit:>6.2f}")
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +157,26 @@ def test_initial_weights_file_is_reproducible_and_matches_the_model(tmp_path: Pa
         for name, value in expected.items():
             np.testing.assert_array_equal(archive[name], value)
     assert list(models.load_weights_file(first)) == list(expected)
+
+
+@pytest.mark.slow
+def test_initial_weights_digest_is_the_same_in_another_process(tmp_path: Path) -> None:
+    here = models.initial_weights_file("resnet20", (32, 32, 3), 10, 5, tmp_path / "here.npz")
+    script = (
+        "import sys; from hfl_trainer.models import initial_weights_file; "
+        "print(initial_weights_file('resnet20', (32, 32, 3), 10, 5, sys.argv[1]))"
+    )
+
+    there = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "there.npz")],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        timeout=300,
+    )
+
+    assert there.stdout.strip().splitlines()[-1] == here
 
 
 def test_load_weights_file_names_an_unreadable_file(tmp_path: Path) -> None:

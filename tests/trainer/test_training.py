@@ -244,3 +244,17 @@ def test_synthetic_data_is_learnable() -> None:
     result = trainer.train_delta(models.get_weights(model), epochs=3)
 
     assert result.accuracy > 0.9
+
+
+def test_xla_compiled_steps_follow_the_same_trajectory(digits: Dataset) -> None:
+    graph = _digits_trainer(digits)
+    xla = _digits_trainer(digits, jit_compile=True)
+    initial = models.get_weights(graph.model)
+
+    expected = graph.train_delta(initial, epochs=1)
+    result = xla.train_delta(initial, epochs=1)
+
+    assert result.loss == pytest.approx(expected.loss, rel=1e-2)
+    for name, value in expected.delta.items():
+        np.testing.assert_allclose(result.delta[name], value, atol=2e-3, err_msg=name)
+    assert xla.evaluate(initial).loss == pytest.approx(graph.evaluate(initial).loss, rel=1e-4)

@@ -16,11 +16,13 @@ never loads TensorFlow.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from hfl_common.config import DATASETS, MODELS, STRATEGIES
 from hfl_common.runtime import run_main
 
 COMMANDS = (
@@ -39,10 +41,13 @@ def _run_main(argv: Sequence[str] | None) -> int:
     )
     p.add_argument("--trainers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--model", default="small_cnn", help="small_cnn, resnet20, resnet56, resnet50")
-    p.add_argument("--dataset", default="digits", help="digits (bundled), cifar10, synthetic")
+    p.add_argument("--model", default="small_cnn", choices=MODELS)
+    p.add_argument(
+        "--dataset", default="digits", choices=DATASETS,
+        help="digits (bundled with scikit-learn), cifar10 (from --data-dir), synthetic",
+    )  # fmt: skip
     p.add_argument("--data-dir", type=Path, help="CIFAR-10 batches directory (python or binary)")
-    p.add_argument("--strategy", default="fedavg", help="fedavg, fedsgd, fedprox, fedadam, ...")
+    p.add_argument("--strategy", default="fedavg", choices=STRATEGIES)
     p.add_argument(
         "--strategy-param", action="append", default=[], metavar="NAME=VALUE",
         help="a strategy parameter, e.g. server_lr=0.1 (repeatable)",
@@ -66,13 +71,19 @@ def _run_main(argv: Sequence[str] | None) -> int:
     params = []
     for item in ns.strategy_param:
         name, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--strategy-param {item!r} must look like NAME=VALUE")
-        params.append((name, float(value)))
+        try:
+            number = float(value) if sep and name else math.nan
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            p.error(f"--strategy-param {item!r} must look like NAME=NUMBER")
+        params.append((name, number))
     if ns.dataset == "cifar10" and ns.data_dir is None:
         p.error("--dataset cifar10 needs --data-dir (nothing is downloaded at run time)")
     if ns.trainers < 1:
         p.error("--trainers must be at least 1")
+    if ns.rounds < 1:
+        p.error("--rounds must be at least 1")
     plan = PlanOptions(
         trainers=ns.trainers,
         rounds=ns.rounds,

@@ -31,11 +31,15 @@ import grpc
 from hfl_cli.local import PlanOptions, Prepared, prepare
 from hfl_cli.operator import OperatorCredentials, aggregator_channel, obtain_operator_certificate
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc
-from hfl_common.errors import HflError, UnavailableError
+from hfl_common.errors import ConfigError, HflError, UnavailableError
 
 START_TIMEOUT_SECONDS = 120.0
+# Once the federation is done, trainers get the DONE task, leave and exit on their own;
+# only after this long are they sent SIGTERM.
+DONE_GRACE_SECONDS = 30.0
 POLL_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1
+_ERROR_PREFIX = "error: "  # hfl_common.runtime.run_main's one-line errors
 
 
 class FederationError(HflError):
@@ -64,6 +68,27 @@ class Service:
         except OSError:
             return ""
         return "\n".join(text[-lines:])
+
+    def error_line(self) -> str:
+        """The last one-line error the service printed ("error: ..."), without the prefix."""
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        for line in reversed(text):
+            if line.startswith(_ERROR_PREFIX):
+                return line.removeprefix(_ERROR_PREFIX).strip()
+        return ""
+
+    def exit_message(self, when: str) -> str:
+        """Why it exited, in one line when it said why; else with the last lines of its log."""
+        code = self.process.returncode
+        reason = self.error_line()
+        if reason:
+            return f"{self.name} exited with code {code}{when}: {reason} (log: {self.log_path})"
+        return f"{self.name} exited with code {code}{when}; last lines of {self.log_path}:\n" + (
+            self.tail()
+        )
 
 
 @dataclass
@@ -103,20 +128,25 @@ class Supervisor:
                 service.grpc_port, service.metrics_port = ports["grpc"], ports["metrics"]
                 return
             if service.process.poll() is not None:
-                raise FederationError(
-                    f"{service.name} exited with code {service.process.returncode} while "
-                    f"starting; last lines of {service.log_path}:\n{service.tail()}"
-                )
+                raise FederationError(service.exit_message(" while starting"))
             time.sleep(0.1)
         raise FederationError(f"{service.name} did not start within {timeout:.0f} s")
 
     def check_alive(self, names: Sequence[str] | None = None) -> None:
         for s in self.services:
             if (names is None or s.name in names) and s.process.poll() is not None:
-                raise FederationError(
-                    f"{s.name} exited with code {s.process.returncode}; last lines of "
-                    f"{s.log_path}:\n{s.tail()}"
-                )
+                raise FederationError(s.exit_message(""))
+
+    def wait_exited(self, names: Sequence[str], timeout: float) -> bool:
+        """Wait up to `timeout` s for the named services to exit by themselves."""
+        deadline = time.monotonic() + timeout
+        for s in self.services:
+            if s.name in names:
+                try:
+                    s.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    return False
+        return True
 
     def stop_all(self, grace: float = 15.0) -> None:
         for s in reversed(self.services):
@@ -173,7 +203,20 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def check_data(opts: RunOptions) -> None:
+    """Load the trainers' data once here, so a missing or malformed dataset stops the run
+    with the loader's one-line error before any service starts."""
+    if opts.plan.dataset != "cifar10":
+        return  # digits are bundled with scikit-learn; synthetic data is generated
+    if opts.data_dir is None:
+        raise ConfigError("--dataset cifar10 needs --data-dir (nothing is downloaded at run time)")
+    from hfl_trainer.data import load_cifar10
+
+    load_cifar10(opts.data_dir)
+
+
 def run(opts: RunOptions) -> int:
+    check_data(opts)
     workdir = _workdir(opts.workdir)
     p = opts.plan
     _say(
@@ -185,6 +228,8 @@ def run(opts: RunOptions) -> int:
     with _sigterm_as_interrupt():
         try:
             history = _run_services(supervisor, prepared, opts)
+            trainers = [s.name for s in supervisor.services if s.name.startswith("trainer-")]
+            supervisor.wait_exited(trainers, DONE_GRACE_SECONDS)
         except KeyboardInterrupt:
             _say("interrupted: stopping every process of the federation")
             supervisor.stop_all()
@@ -292,7 +337,9 @@ def _follow(
 
 
 def _fmt(value: float, spec: str = ".4f") -> str:
-    return format(value, spec) if value and math.isfinite(value) else "   -  "
+    if not value or not math.isfinite(value):
+        return "   -  "
+    return format(value, spec if abs(value) < 1e5 else ".3e")
 
 
 def _round_line(r: aggregator_pb2.RoundSummary, total: int) -> str:

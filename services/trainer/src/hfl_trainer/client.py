@@ -37,7 +37,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# CANCELLED: a draining aggregator (SIGTERM, restart) cancels the calls still in flight,
+# long polls included; it is back (or replaced) after a restart, so retry like UNAVAILABLE.
+_RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+)
 _POLL_SECONDS = 20
 
 
@@ -98,6 +104,7 @@ class FederationClient:
         self._stop = threading.Event()
 
     def stop(self) -> None:
+        """Ask run() to return at its next step (a call in flight is not interrupted)."""
         self._stop.set()
 
     # ------------------------------------------------------------ plumbing
@@ -148,7 +155,19 @@ class FederationClient:
     # ---------------------------------------------------------------- loop
 
     def run(self) -> None:
-        """Take part in the federation until it is done. Raises on a fatal error."""
+        """Take part in the federation until it is done. Raises on a fatal error.
+
+        Returns quietly when stop() was called (SIGTERM): an error that follows a stop is
+        a consequence of shutting down, not a failure of the federation.
+        """
+        try:
+            self._run()
+        except (HflError, grpc.RpcError) as err:
+            if not self._stop.is_set():
+                raise
+            log.info("stopped before the federation finished (%s)", _describe(err))
+
+    def _run(self) -> None:
         last_task = ""
         while not self._stop.is_set():
             if not self._session:
@@ -416,6 +435,13 @@ def _receive_model(
     raise StreamError(
         f"model download ended after {decoder.received_bytes} of {decoder.total_bytes} bytes"
     )
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, grpc.RpcError):
+        code = _code(err)
+        return f"{code.name if code else 'error'}: {_details(err)}"
+    return str(err)
 
 
 def _code(err: grpc.RpcError) -> grpc.StatusCode | None:

@@ -131,7 +131,12 @@ def _main(argv: Sequence[str] | None) -> int:
     partition = load_partition(plan, ns.data_dir, ns.trainer_index, ns.num_partitions)
     model = build_model(plan.model.name, plan.model.input_shape, plan.model.num_classes, plan.seed)
     initial = load_weights_file(plan.model.initial_weights)
-    check_specs(specs_of(initial), specs_of(get_weights(model)), "this trainer's model vs the plan")
+    check_specs(
+        specs_of(initial),
+        specs_of(get_weights(model)),
+        f"the plan's model {plan.model.name} does not match its initial weights "
+        f"{plan.model.initial_weights.name}",
+    )
     trainer = LocalTrainer(
         model,
         partition,
@@ -219,6 +224,13 @@ def _main(argv: Sequence[str] | None) -> int:
         if isinstance(exc, FailedPreconditionError):
             print(f"error: {exc}", file=sys.stderr)
             return 1
+        if isinstance(exc, grpc.RpcError):
+            # A refusal the client does not retry (PERMISSION_DENIED, INVALID_ARGUMENT...).
+            code = exc.code().name if isinstance(exc, grpc.Call) else "error"
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            print(f"error: the aggregator at {ns.aggregator} answered {code}: {details}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         raise exc
     return 0
 

@@ -20,7 +20,8 @@ For per-step gradients (FedSGD) see :mod:`hfl_trainer.training`.
 Initialisation is deterministic under ``seed``: the models are built with
 Keras' default initialisers, whose seeds Keras draws from Python's ``random``
 module when a layer is created; :func:`build_model` seeds that module for the
-duration of the build only and restores its state afterwards. With integer
+duration of the build only and restores its state afterwards (so do not
+build models while another thread draws from ``random``). With integer
 seeds Keras' TensorFlow backend uses stateless random ops, so the values are
 identical across processes and machines (same TensorFlow build).
 """
