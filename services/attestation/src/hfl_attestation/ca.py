@@ -34,10 +34,11 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from hfl_common.attest_client import key_dns_name, peer_id_for
 from hfl_common.errors import ConfigError, InvalidArgumentError
+from hfl_common.ratls import tls_leaf_profile
 from hfl_common.sealing import SealingKeySource, read_sealed, write_atomic, write_sealed
 from hfl_common.server import id_san, role_dns_name, role_san
 
@@ -221,7 +222,7 @@ class FederationCA:
         )
         subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hfl federation")]
         subject.append(x509.NameAttribute(NameOID.COMMON_NAME, check_label(label) or role))
-        builder = (
+        builder = tls_leaf_profile(
             x509.CertificateBuilder()
             .subject_name(x509.Name(subject))
             .issuer_name(self.certificate.subject)
@@ -229,27 +230,6 @@ class FederationCA:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
             .add_extension(
                 x509.SubjectAlternativeName(
                     [

@@ -427,6 +427,34 @@ def decode_tcg_dice_evidence(evidence: bytes) -> TcgDiceEvidence:
 # --- making certificates --------------------------------------------------------------------
 
 
+def tls_leaf_profile(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
+    """The extensions every hfl TLS leaf carries (RA-TLS and federation-issued alike):
+    not a CA, digital signature only, usable as both server and client certificate."""
+    return (
+        builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+    )
+
+
 def make_ra_tls_certificate(
     key: EnclaveKey,
     provider: QuoteProvider,
@@ -479,7 +507,7 @@ def make_ra_tls_certificate(
 
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     public_key = key.public_key
-    builder = (
+    builder = tls_leaf_profile(
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -487,27 +515,6 @@ def make_ra_tls_certificate(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + validity)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key), critical=False
