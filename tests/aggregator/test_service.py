@@ -230,7 +230,7 @@ MALFORMED = [
     (
         fedkit.Corruption.TRUNCATED,
         grpc.StatusCode.INVALID_ARGUMENT,
-        "update stream ended after 144 of 144 bytes without a trailer",
+        "the stream ended without a trailer after 144 of 144 bytes",
         "stream",
     ),
     (

@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hfl_cli.local import PlanOptions, Prepared, prepare
 from hfl_cli.operator import OperatorCredentials, aggregator_channel, obtain_operator_certificate
-from hfl_cli.run import Service, Supervisor
+from hfl_cli.run import Service, Supervisor, service_args
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -173,24 +173,6 @@ def metric(
 
 
 # --- a federation of processes --------------------------------------------------------------
-
-
-def service_args(
-    prepared: Prepared,
-    name: str,
-    *,
-    listen: str = "127.0.0.1:0",
-    policy: Path | None = None,
-) -> list[str]:
-    """The flags every service takes (what `hfl run` passes), with a per-service state dir."""
-    return [
-        "--policy", str(policy or prepared.policy),
-        "--tee", "simulated",
-        "--sim-platform", str(prepared.platform),
-        "--state-dir", str(prepared.directory / "state" / name),
-        "--listen", listen,
-        "--metrics-listen", "127.0.0.1:0",
-    ]  # fmt: skip
 
 
 @dataclass

@@ -30,8 +30,7 @@ import pytest
 import yaml
 
 from hfl_cli.local import PlanOptions, Prepared, prepare
-from hfl_cli.operator import obtain_operator_certificate
-from hfl_cli.run import FederationError, Service, Supervisor
+from hfl_cli.run import FederationError, Supervisor, start_federation
 
 from .prom_helpers import (
     PROMETHEUS_DIR,
@@ -65,49 +64,9 @@ class Federation:
         }
 
 
-def _service_args(prepared: Prepared, name: str) -> list[str]:
-    return [
-        "--policy", str(prepared.policy),
-        "--tee", "simulated",
-        "--sim-platform", str(prepared.platform),
-        "--state-dir", str(prepared.directory / "state" / name),
-        "--listen", "127.0.0.1:0",
-        "--metrics-listen", "127.0.0.1:0",
-    ]  # fmt: skip
-
-
-def start_federation(supervisor: Supervisor, prepared: Prepared) -> Federation:
-    """Attestation, aggregator, trainers and an operator certificate, as `hfl run` does."""
-    att = supervisor.start(
-        "attestation", "hfl_attestation.main", _service_args(prepared, "attestation")
-    )
-    supervisor.wait_ready(att)
-    attestation = f"127.0.0.1:{att.grpc_port}"
-    agg = supervisor.start(
-        "aggregator",
-        "hfl_aggregator.main",
-        [*_service_args(prepared, "aggregator"), "--plan", str(prepared.plan),
-         "--attestation", attestation],
-    )  # fmt: skip
-    supervisor.wait_ready(agg)
-    trainers: list[Service] = []
-    for i in range(TRAINERS):
-        args = [
-            *_service_args(prepared, f"trainer-{i + 1}"),
-            "--plan", str(prepared.plan),
-            "--attestation", attestation,
-            "--aggregator", f"127.0.0.1:{agg.grpc_port}",
-            "--label", f"trainer-{i + 1}",
-            "--trainer-index", str(i),
-            "--num-partitions", str(TRAINERS),
-        ]  # fmt: skip
-        trainers.append(supervisor.start(f"trainer-{i + 1}", "hfl_trainer.main", args))
-    # The operator's certificate is the fourth the federation CA issues.
-    obtain_operator_certificate(
-        prepared.operator_dir, attestation, prepared.policy, prepared.platform
-    )
-    for t in trainers:
-        supervisor.wait_ready(t)
+def start_local_federation(supervisor: Supervisor, prepared: Prepared) -> Federation:
+    """Attestation, aggregator, trainers and an operator certificate, exactly as `hfl run`."""
+    start_federation(supervisor, prepared, TRAINERS)
     return Federation({s.name: f"127.0.0.1:{s.metrics_port}" for s in supervisor.services})
 
 
@@ -285,7 +244,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Observation:
     supervisor = Supervisor(prepared.directory)
     prom: PrometheusServer | None = None
     try:
-        federation = start_federation(supervisor, prepared)
+        federation = start_local_federation(supervisor, prepared)
         for name, address in federation.metrics.items():
             status, body = http_get(f"http://{address}/readyz")
             assert (status, body) == (200, "ok\n"), f"{name} /readyz answered {status} {body!r}"

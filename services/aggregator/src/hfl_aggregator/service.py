@@ -18,9 +18,14 @@ import grpc
 import numpy as np
 
 from hfl_aggregator.metrics import AggregatorMetrics
-from hfl_aggregator.rounds import RoundEngine, TaskKind, UpdateMeta
+from hfl_aggregator.rounds import RoundEngine, TaskKind, Ticket, UpdateMeta
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
-from hfl_common.codec import StreamDecoder, check_specs, encode_tensors
+from hfl_common.codec import (
+    check_specs,
+    collect_stream,
+    encode_tensors,
+    iter_download_messages,
+)
 from hfl_common.config import FederationPlan
 from hfl_common.errors import (
     HflError,
@@ -171,32 +176,50 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                 f"global model is version {version}"
             )
         stream = encode_tensors(weights, tensor_pb2.ENCODING_RAW, chunk_bytes=self._chunk_bytes)
-        yield aggregator_pb2.DownloadModelResponse(
-            header=aggregator_pb2.ModelHeader(
-                round=completed,
-                model_version=version,
-                plan_sha256=self._plan.sha256_hex,
-                tensors=stream.header,
-            )
-        )
-        for chunk in stream.chunks():
-            self._metrics.update_bytes.labels(direction="out").inc(len(chunk.data))
-            yield aggregator_pb2.DownloadModelResponse(chunk=chunk)
-        yield aggregator_pb2.DownloadModelResponse(trailer=stream.trailer())
+        yield from iter_download_messages(completed, version, self._plan.sha256_hex, stream)
+        self._metrics.update_bytes.labels(direction="out").inc(stream.header.total_bytes)
 
     def UploadUpdate(  # noqa: N802
         self,
         request_iterator: Iterator[aggregator_pb2.UploadUpdateRequest],
         context: grpc.ServicerContext,
     ) -> aggregator_pb2.UploadUpdateResponse:
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
-            raise StreamError("an update stream must start with its header")
-        h = first.header
+        ticket: Ticket | None = None
+
+        def on_header(h: aggregator_pb2.UpdateHeader) -> None:
+            # Round checks on the header alone, before any of the payload is read.
+            nonlocal ticket
+            ticket = self._check_header(h)
+            if h.tensors.total_bytes > self._max_update_bytes:
+                raise ResourceExhaustedError(
+                    f"update stream announces {h.tensors.total_bytes} bytes; an update of "
+                    f"this model is at most {self._max_update_bytes} bytes",
+                    "oversized",
+                )
+
+        try:
+            with self._uploads:
+                _, arrays = collect_stream(
+                    self._counted(request_iterator),
+                    max_total_bytes=self._max_update_bytes,
+                    expected=self._spec,
+                    on_header=on_header,
+                )
+        except HflError as exc:
+            if ticket is not None:
+                self._engine.refuse(ticket.trainer_id, exc)
+            raise
+        assert ticket is not None  # collect_stream returns only after on_header ran
+        round_number, version = self._engine.accept_update(ticket, arrays)
+        return aggregator_pb2.UploadUpdateResponse(
+            accepted=True, round=round_number, model_version=version
+        )
+
+    def _check_header(self, h: aggregator_pb2.UpdateHeader) -> Ticket:
         kind = _UPDATE_KINDS.get(h.kind)
         if kind is None:
             raise InvalidArgumentError(f"update kind {h.kind} is not GRADIENT or DELTA")
-        ticket = self._engine.check_update(
+        return self._engine.check_update(
             UpdateMeta(
                 session_id=h.session_id,
                 task_id=h.task_id,
@@ -209,47 +232,23 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                 train_accuracy=h.train_accuracy,
             )
         )
-        try:
-            with self._uploads:
-                arrays = self._receive(h.tensors, request_iterator)
-        except HflError as exc:
-            self._engine.refuse(ticket.trainer_id, exc)
-            raise
-        round_number, version = self._engine.accept_update(ticket, arrays)
-        return aggregator_pb2.UploadUpdateResponse(
-            accepted=True, round=round_number, model_version=version
-        )
 
-    def _receive(
-        self,
-        header: tensor_pb2.TensorStreamHeader,
-        parts: Iterator[aggregator_pb2.UploadUpdateRequest],
-    ) -> dict[str, np.ndarray]:
-        # The declared size first: a header announcing more than the model can hold is
-        # refused as too large, before its specs are even compared.
-        if header.total_bytes > self._max_update_bytes:
-            raise ResourceExhaustedError(
-                f"update stream announces {header.total_bytes} bytes; an update of this "
-                f"model is at most {self._max_update_bytes} bytes",
-                "oversized",
-            )
-        decoder = StreamDecoder(header, expected=self._spec, max_total_bytes=self._max_update_bytes)
-        for part in _guarded(parts, decoder):
-            which = part.WhichOneof("part")
-            if which == "chunk":
-                decoder.feed(part.chunk)
-                self._metrics.update_bytes.labels(direction="in").inc(len(part.chunk.data))
-            elif which == "trailer":
-                arrays = decoder.finish(part.trailer)
-                if next(_guarded(parts, decoder), None) is not None:
-                    raise StreamError("messages after the trailer: the update stream is corrupt")
-                return arrays
-            else:
-                raise StreamError(f"unexpected {which or 'empty'} message inside an update stream")
-        raise StreamError(
-            f"update stream ended after {decoder.received_bytes} of {decoder.total_bytes} "
-            "bytes without a trailer: the trainer disconnected mid-stream"
-        )
+    def _counted(
+        self, parts: Iterator[aggregator_pb2.UploadUpdateRequest]
+    ) -> Iterator[aggregator_pb2.UploadUpdateRequest]:
+        """Count payload bytes in; a trainer that vanished becomes a clear StreamError."""
+        received = 0
+        try:
+            for part in parts:
+                if part.WhichOneof("part") == "chunk":
+                    received += len(part.chunk.data)
+                    self._metrics.update_bytes.labels(direction="in").inc(len(part.chunk.data))
+                yield part
+        except grpc.RpcError:
+            raise StreamError(
+                f"the trainer disconnected mid-stream after {received} bytes; nothing of "
+                "this update was kept"
+            ) from None
 
     # ------------------------------------------------------------ evaluation
 
@@ -285,16 +284,3 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                 for r in snap["rounds"]
             ],
         )
-
-
-def _guarded(
-    parts: Iterator[aggregator_pb2.UploadUpdateRequest], decoder: StreamDecoder
-) -> Iterator[aggregator_pb2.UploadUpdateRequest]:
-    """Iterate a client stream, turning a peer that vanished into a clear StreamError."""
-    try:
-        yield from parts
-    except grpc.RpcError:
-        raise StreamError(
-            f"the trainer disconnected mid-stream after {decoder.received_bytes} of "
-            f"{decoder.total_bytes} bytes; nothing of this update was kept"
-        ) from None

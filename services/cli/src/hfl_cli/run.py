@@ -241,53 +241,77 @@ def run(opts: RunOptions) -> int:
     return _report(workdir, history, opts)
 
 
-def _common_args(prepared: Prepared, name: str) -> list[str]:
+def service_args(
+    prepared: Prepared, name: str, *, listen: str = "127.0.0.1:0", policy: Path | None = None
+) -> list[str]:
+    """The flags every service of a local federation takes, with its own state dir."""
     return [
-        "--policy", str(prepared.policy),
+        "--policy", str(policy or prepared.policy),
         "--tee", "simulated",
         "--sim-platform", str(prepared.platform),
         "--state-dir", str(prepared.directory / "state" / name),
-        "--listen", "127.0.0.1:0",
+        "--listen", listen,
         "--metrics-listen", "127.0.0.1:0",
     ]  # fmt: skip
 
 
-def _run_services(
-    supervisor: Supervisor, prepared: Prepared, opts: RunOptions
-) -> aggregator_pb2.GetStatusResponse:
+def trainer_args(
+    prepared: Prepared, index: int, trainers: int, attestation: str, aggregator: str
+) -> list[str]:
+    name = f"trainer-{index + 1}"
+    return [
+        *service_args(prepared, name),
+        "--plan", str(prepared.plan),
+        "--attestation", attestation,
+        "--aggregator", aggregator,
+        "--label", name,
+        "--trainer-index", str(index),
+        "--num-partitions", str(trainers),
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StartedFederation:
+    attestation: str
+    aggregator: str
+    operator: OperatorCredentials
+
+
+def start_federation(
+    supervisor: Supervisor, prepared: Prepared, trainers: int, data_dir: Path | None = None
+) -> StartedFederation:
+    """Start attestation, aggregator and trainers in order, and get an operator certificate."""
     att = supervisor.start(
-        "attestation", "hfl_attestation.main", _common_args(prepared, "attestation")
+        "attestation", "hfl_attestation.main", service_args(prepared, "attestation")
     )
     supervisor.wait_ready(att)
     attestation = f"127.0.0.1:{att.grpc_port}"
     agg = supervisor.start(
         "aggregator",
         "hfl_aggregator.main",
-        [*_common_args(prepared, "aggregator"), "--plan", str(prepared.plan),
+        [*service_args(prepared, "aggregator"), "--plan", str(prepared.plan),
          "--attestation", attestation],
     )  # fmt: skip
     supervisor.wait_ready(agg)
     aggregator = f"127.0.0.1:{agg.grpc_port}"
-    n = opts.plan.trainers
-    trainers = []
-    for i in range(n):
-        args = [
-            *_common_args(prepared, f"trainer-{i + 1}"),
-            "--plan", str(prepared.plan),
-            "--attestation", attestation,
-            "--aggregator", aggregator,
-            "--label", f"trainer-{i + 1}",
-            "--trainer-index", str(i),
-            "--num-partitions", str(n),
-        ]  # fmt: skip
-        if opts.data_dir is not None:
-            args += ["--data-dir", str(opts.data_dir)]
-        trainers.append(supervisor.start(f"trainer-{i + 1}", "hfl_trainer.main", args))
+    started = []
+    for i in range(trainers):
+        args = trainer_args(prepared, i, trainers, attestation, aggregator)
+        if data_dir is not None:
+            args += ["--data-dir", str(data_dir)]
+        started.append(supervisor.start(f"trainer-{i + 1}", "hfl_trainer.main", args))
     operator = obtain_operator_certificate(
         prepared.operator_dir, attestation, prepared.policy, prepared.platform
     )
-    for t in trainers:
+    for t in started:
         supervisor.wait_ready(t)
+    return StartedFederation(attestation, aggregator, operator)
+
+
+def _run_services(
+    supervisor: Supervisor, prepared: Prepared, opts: RunOptions
+) -> aggregator_pb2.GetStatusResponse:
+    federation = start_federation(supervisor, prepared, opts.plan.trainers, opts.data_dir)
     endpoints = {
         s.name: {
             "grpc": f"127.0.0.1:{s.grpc_port}",
@@ -299,7 +323,7 @@ def _run_services(
     for name, e in endpoints.items():
         _say(f"  {name:<12} gRPC {e['grpc']:<22} metrics {e['metrics']}")
     _say(f"  operator credentials for grpcurl and `hfl status`: {prepared.operator_dir}")
-    return _follow(supervisor, operator, aggregator, opts)
+    return _follow(supervisor, federation.operator, federation.aggregator, opts)
 
 
 def _follow(

@@ -17,7 +17,7 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -25,9 +25,9 @@ import grpc
 import numpy as np
 
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
-from hfl_common.codec import StreamDecoder, encode_tensors, specs_of
+from hfl_common.codec import collect_stream, encode_tensors, iter_upload_messages, specs_of
 from hfl_common.config import FederationPlan
-from hfl_common.errors import FailedPreconditionError, HflError, StreamError, UnavailableError
+from hfl_common.errors import FailedPreconditionError, HflError, UnavailableError
 from hfl_trainer.metrics import TrainerMetrics
 from hfl_trainer.privacy import add_gaussian_noise, clip_update
 from hfl_trainer.progress import ProgressReporter
@@ -352,7 +352,11 @@ class FederationClient:
             # A fresh nonce per attempt: a retry after UNAVAILABLE is a new upload, and
             # the aggregator refuses the same nonce twice.
             header.nonce = secrets.token_bytes(16)
-            return s.UploadUpdate(_update_messages(header, update, encoding, metrics), timeout=600)
+            stream = encode_tensors(update, encoding)
+            response = s.UploadUpdate(iter_upload_messages(header, stream), timeout=600)
+            if metrics is not None:
+                metrics.upload_bytes.inc(stream.header.total_bytes)
+            return response
 
         response = self._call("upload the update", send)
         log.info(
@@ -391,50 +395,23 @@ class FederationClient:
         )
 
 
-def _update_messages(
-    header: aggregator_pb2.UpdateHeader,
-    update: Mapping[str, np.ndarray],
-    encoding: int,
-    metrics: TrainerMetrics | None = None,
-) -> Iterator[aggregator_pb2.UploadUpdateRequest]:
-    stream = encode_tensors(update, encoding)
-    header.tensors.CopyFrom(stream.header)
-    yield aggregator_pb2.UploadUpdateRequest(header=header)
-    for chunk in stream.chunks():
-        if metrics is not None:
-            metrics.upload_bytes.inc(len(chunk.data))
-        yield aggregator_pb2.UploadUpdateRequest(chunk=chunk)
-    yield aggregator_pb2.UploadUpdateRequest(trailer=stream.trailer())
-
-
 def _receive_model(
     stream: Iterable[aggregator_pb2.DownloadModelResponse],
     spec: list[tensor_pb2.TensorSpec],
     plan_sha256: str,
 ) -> tuple[int, dict[str, np.ndarray]]:
-    parts = iter(stream)
-    first = next(parts, None)
-    if first is None or first.WhichOneof("part") != "header":
-        raise StreamError("the model download did not start with a header")
-    header = first.header
-    if header.plan_sha256 != plan_sha256:
-        raise FailedPreconditionError(
-            f"the aggregator serves a model for plan {header.plan_sha256[:16]}…, "
-            f"not this trainer's plan {plan_sha256[:16]}…"
-        )
+    def check_plan(header: aggregator_pb2.ModelHeader) -> None:
+        if header.plan_sha256 != plan_sha256:
+            raise FailedPreconditionError(
+                f"the aggregator serves a model for plan {header.plan_sha256[:16]}…, "
+                f"not this trainer's plan {plan_sha256[:16]}…"
+            )
+
     max_bytes = sum(int(np.prod(s.shape, dtype=np.int64)) * 8 for s in spec) + 4096
-    decoder = StreamDecoder(header.tensors, expected=spec, max_total_bytes=max_bytes)
-    for part in parts:
-        which = part.WhichOneof("part")
-        if which == "chunk":
-            decoder.feed(part.chunk)
-        elif which == "trailer":
-            return int(header.model_version), decoder.finish(part.trailer)
-        else:
-            raise StreamError(f"unexpected {which or 'empty'} message in a model download")
-    raise StreamError(
-        f"model download ended after {decoder.received_bytes} of {decoder.total_bytes} bytes"
+    header, arrays = collect_stream(
+        stream, max_total_bytes=max_bytes, expected=spec, on_header=check_plan
     )
+    return int(header.model_version), arrays
 
 
 def _describe(err: BaseException) -> str:
