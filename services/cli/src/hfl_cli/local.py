@@ -11,8 +11,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +171,23 @@ def plan_toml(
     return "\n".join(out) + "\n"
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for the block (native libraries write there
+    directly, past Python's sys.stderr); Python's own errors still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 @dataclass(frozen=True)
 class Prepared:
     directory: Path
@@ -179,18 +199,26 @@ class Prepared:
 
 def prepare(directory: Path, opts: PlanOptions) -> Prepared:
     """Write platform, policy, plan, initial weights and operator key into `directory`."""
-    # TensorFlow is needed only to make the initial weights; import it late.
-    from hfl_trainer.models import build_model, initial_weights_file, model_spec, trainable_spec
+    # TensorFlow is needed only to make the initial weights; import it late, and keep
+    # its C++ start-up notices (absl, oneDNN) off the user's terminal.
+    with _native_stderr_silenced():
+        from hfl_trainer.models import (
+            build_model,
+            initial_weights_file,
+            model_spec,
+            trainable_spec,
+        )
 
     directory.mkdir(parents=True, exist_ok=True)
     platform = SimulatedPlatform.load_or_create(directory / "platform")
     operator_dir = directory / "operator"
     spki = write_operator_key(operator_dir)
     (directory / "policy.toml").write_text(policy_toml(platform, spki))
-    digest = initial_weights_file(
-        opts.model, opts.input_shape, 10, opts.seed, directory / "initial_weights.npz"
-    )
-    model = build_model(opts.model, opts.input_shape, 10, opts.seed)
+    with _native_stderr_silenced():
+        digest = initial_weights_file(
+            opts.model, opts.input_shape, 10, opts.seed, directory / "initial_weights.npz"
+        )
+        model = build_model(opts.model, opts.input_shape, 10, opts.seed)
     trainable = {name for name, _, _ in trainable_spec(model)}
     non_trainable = [name for name, _, _ in model_spec(model) if name not in trainable]
     (directory / "plan.toml").write_text(
