@@ -199,6 +199,9 @@ def test_trusted_files_are_narrow(role: str) -> None:
     assert "/usr/bin/python3.11" in paths
     assert f"{RUNTIMEDIR}/" in paths
     assert "/etc/hfl/policy.toml" in paths
+    if role != "attestation":
+        # The plan pins the initial model by digest; both must be measured.
+        assert {"/etc/hfl/plan.toml", "/etc/hfl/initial_weights.npz"} <= set(paths)
     allowed = render(role)["sgx"]["allowed_files"]
     assert "file:/etc/hosts" in allowed
     assert not [a for a in allowed if a.startswith(("file:/etc/hfl", "file:/opt", "file:/usr"))]
