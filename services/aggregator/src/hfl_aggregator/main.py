@@ -43,7 +43,7 @@ from hfl_common.runtime import (
     Enclave,
     EnclaveOptions,
     add_enclave_flags,
-    env_defaults,
+    parse_service_args,
     run_main,
     split_listen,
     write_port_file,
@@ -68,7 +68,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attestation", default="127.0.0.1:7400", help="attestation service")
     p.add_argument("--label", default="aggregator")
     p.add_argument("--upload-slots", type=int, default=1, help="uploads decoded at once")
-    env_defaults(p)
     return p
 
 
@@ -255,7 +254,7 @@ def build_aggregator(config: AggregatorConfig, registry: CollectorRegistry) -> R
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    ns = parser().parse_args(argv)
+    ns = parse_service_args(parser(), argv)
     configure_logging("aggregator", ns.log_level, True if ns.log_json else None)
     config = AggregatorConfig.from_args(ns)
     aggregator = build_aggregator(config, CollectorRegistry())

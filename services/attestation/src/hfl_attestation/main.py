@@ -27,7 +27,7 @@ from hfl_common.runtime import (
     Enclave,
     EnclaveOptions,
     add_enclave_flags,
-    env_defaults,
+    parse_service_args,
     run_main,
     split_listen,
     write_port_file,
@@ -44,12 +44,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hfl-attestation", description=(__doc__ or "").splitlines()[0])
     add_enclave_flags(p, listen=DEFAULT_LISTEN, metrics_listen=DEFAULT_METRICS_LISTEN)
     p.add_argument("--workers", type=int, default=8, help="gRPC worker threads (default 8)")
-    env_defaults(p)
     return p
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    ns = parser().parse_args(argv)
+    ns = parse_service_args(parser(), argv)
     configure_logging("attestation", ns.log_level, True if ns.log_json else None)
     registry = CollectorRegistry()
     enclave = Enclave.open(EnclaveOptions.from_args("attestation", ns), registry)

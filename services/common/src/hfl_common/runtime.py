@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,23 +53,68 @@ log = logging.getLogger(__name__)
 _SEALING_SECRET = "sealing_secret"  # noqa: S105 (a file name, not a secret)
 
 
-def env_defaults(parser: argparse.ArgumentParser, prefix: str = "HFL_") -> None:
-    """Let every --flag default to the environment variable HFL_FLAG (dashes as _)."""
-    for action in parser._actions:
-        if not action.option_strings or action.dest in ("help",):
-            continue
-        value = os.environ.get(prefix + action.dest.upper())
-        if value is None:
-            continue
-        if isinstance(action, argparse._StoreTrueAction):
-            action.default = value.lower() in ("1", "true", "yes", "on")
-        else:
-            action.default = action.type(value) if callable(action.type) else value
-        action.required = False
+def _set_default(action: argparse.Action, value: object, source: str) -> None:
+    if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(value, str):
+            words = {"1": True, "true": True, "yes": True, "on": True}
+            words |= {"0": False, "false": False, "no": False, "off": False, "": False}
+            value = words.get(value.lower(), value)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source} must be true or false, got {value!r}")
+        action.default = value
+    else:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(f"{source} must be a string or a number, got {value!r}")
+        try:
+            action.default = action.type(str(value)) if callable(action.type) else str(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: {value!r} is not a valid value") from None
+        if action.choices is not None and action.default not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            raise ConfigError(f"{source} must be one of {choices}; got {value!r}")
+    action.required = False
+
+
+def parse_service_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, prefix: str = "HFL_"
+) -> argparse.Namespace:
+    """Flags, then the environment (HFL_<FLAG>), then a TOML config file (--config or
+    HFL_CONFIG, keys named like the flags: `listen = "0.0.0.0:7401"`), then defaults."""
+    actions = {
+        a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")
+    }
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path, default=os.environ.get(prefix + "CONFIG"))
+    known, _ = pre.parse_known_args(argv)
+    if known.config is not None:
+        try:
+            table = tomllib.loads(Path(known.config).read_text())
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the config file {known.config}: {exc.strerror}"
+            ) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{known.config}: not valid TOML: {exc}") from None
+        for key, value in table.items():
+            action = actions.get(key.replace("-", "_"))
+            if action is None:
+                raise ConfigError(
+                    f"{known.config}: {key} is not a setting of {parser.prog}; "
+                    f"settings: {', '.join(sorted(actions))}"
+                )
+            _set_default(action, value, f"{known.config}: {key}")
+    for dest, action in actions.items():
+        env = os.environ.get(prefix + dest.upper())
+        if env is not None:
+            _set_default(action, env, f"environment variable {prefix}{dest.upper()}")
+    return parser.parse_args(argv)
 
 
 def add_enclave_flags(parser: argparse.ArgumentParser, *, listen: str, metrics_listen: str) -> None:
     g = parser.add_argument_group("service")
+    g.add_argument(
+        "--config", type=Path, help="TOML file of settings named like these flags (HFL_CONFIG)"
+    )
     g.add_argument("--listen", default=listen, help=f"gRPC address (default {listen})")
     g.add_argument(
         "--metrics-listen",

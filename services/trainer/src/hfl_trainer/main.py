@@ -32,7 +32,7 @@ from hfl_common.runtime import (
     Enclave,
     EnclaveOptions,
     add_enclave_flags,
-    env_defaults,
+    parse_service_args,
     run_main,
     split_listen,
     write_port_file,
@@ -63,7 +63,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--give-up-after", type=float, default=300.0, help="seconds without the aggregator"
     )
-    env_defaults(p)
     return p
 
 
@@ -125,7 +124,7 @@ class TrainerStatusServicer(aggregator_pb2_grpc.TrainerServiceServicer):
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    ns = parser().parse_args(argv)
+    ns = parse_service_args(parser(), argv)
     configure_logging(f"trainer:{ns.label}", ns.log_level, True if ns.log_json else None)
     plan = load_plan(ns.plan)
     partition = load_partition(plan, ns.data_dir, ns.trainer_index, ns.num_partitions)
