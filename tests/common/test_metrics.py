@@ -87,3 +87,16 @@ def test_registering_server_metrics_twice_on_one_registry_is_refused() -> None:
     GrpcServerMetrics(registry)
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         GrpcServerMetrics(registry)
+
+
+def test_metrics_port_in_use_is_a_clear_config_error() -> None:
+    import socket
+
+    from hfl_common.errors import ConfigError
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"cannot serve metrics on 127\.0\.0\.1:{port}: "):
+            start_metrics_http(CollectorRegistry(), "127.0.0.1", port)

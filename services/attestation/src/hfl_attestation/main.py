@@ -21,6 +21,7 @@ from hfl_attestation.service import (
     AttestationServiceConfig,
     start_attestation_service,
 )
+from hfl_common.errors import ConfigError
 from hfl_common.logs import configure_logging
 from hfl_common.metrics import start_metrics_http
 from hfl_common.runtime import (
@@ -76,11 +77,9 @@ def _main(argv: Sequence[str] | None) -> int:
         metrics_port, stop_metrics = start_metrics_http(
             registry, m_host, m_port, ready=lambda: server.serving
         )
-    except OSError as exc:
+    except ConfigError:
         server.stop(0)
-        raise OSError(
-            f"cannot serve metrics on {ns.metrics_listen}: {exc.strerror or exc}"
-        ) from None
+        raise
     server.add_shutdown_hook(stop_metrics)
     server.install_signal_handlers()
     write_port_file(ns.port_file, server.port, metrics_port)

@@ -21,6 +21,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
+from hfl_common.errors import ConfigError
+
 _LOG = logging.getLogger(__name__)
 
 # From a 1 ms health check to a 10-minute long model stream.
@@ -133,7 +135,10 @@ def start_metrics_http(
         result: Iterable[bytes] = metrics_app(environ, start_response)
         return result
 
-    httpd = make_server(host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler)
+    try:
+        httpd = make_server(host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
     thread = threading.Thread(
         target=lambda: httpd.serve_forever(poll_interval=0.05), name="hfl-metrics-http", daemon=True
     )
