@@ -158,11 +158,13 @@ class _Moments:
 # ------------------------------------------------------------------ FedAvg family
 
 
-class FedAvg:
-    """McMahan et al. 2017: w + server_lr * weighted_mean(delta)."""
+class _DeltaRule:
+    """Stateless rules of the form w + server_lr * combine(deltas)."""
 
-    name: str = "fedavg"
+    name: str = "delta-rule"
     needs_all_updates: bool = False
+    # Whether the combined delta is a fresh array the update may be applied into.
+    _fresh_delta: bool = False
 
     def __init__(self, server_lr: float = 1.0) -> None:
         self.server_lr = server_lr
@@ -170,9 +172,14 @@ class FedAvg:
     def configure_round(self, round: int) -> RoundConfig:
         return RoundConfig(update_kind="delta")
 
+    def combine(self, updates: UpdateSource) -> Weights:
+        raise NotImplementedError
+
     def aggregate(self, global_weights: Weights, updates: UpdateSource) -> Weights:
         _check_same_model(global_weights, updates)
-        return _apply_delta(global_weights, updates.mean(), self.server_lr)
+        return _apply_delta(
+            global_weights, self.combine(updates), self.server_lr, reuse_delta=self._fresh_delta
+        )
 
     def state(self) -> dict[str, Array]:
         return {}
@@ -182,6 +189,15 @@ class FedAvg:
             raise InvalidArgumentError(
                 f"strategy {self.name!r} keeps no state, was given {sorted(state)}"
             )
+
+
+class FedAvg(_DeltaRule):
+    """McMahan et al. 2017: w + server_lr * weighted_mean(delta)."""
+
+    name: str = "fedavg"
+
+    def combine(self, updates: UpdateSource) -> Weights:
+        return updates.mean()
 
 
 class FedProx(FedAvg):
@@ -402,33 +418,12 @@ class FedSGD:
 # ------------------------------------------------------------------ robust rules
 
 
-class _Robust:
+class _Robust(_DeltaRule):
     """w + server_lr * robust_combination(deltas), one tensor at a time."""
 
     name: str = "robust"
     needs_all_updates: bool = True
-
-    def __init__(self, server_lr: float = 1.0) -> None:
-        self.server_lr = server_lr
-
-    def configure_round(self, round: int) -> RoundConfig:
-        return RoundConfig(update_kind="delta")
-
-    def aggregate(self, global_weights: Weights, updates: UpdateSource) -> Weights:
-        _check_same_model(global_weights, updates)
-        return _apply_delta(global_weights, self.combine(updates), self.server_lr, reuse_delta=True)
-
-    def combine(self, updates: UpdateSource) -> Weights:
-        raise NotImplementedError
-
-    def state(self) -> dict[str, Array]:
-        return {}
-
-    def load_state(self, state: Mapping[str, Array]) -> None:
-        if state:
-            raise InvalidArgumentError(
-                f"strategy {self.name!r} keeps no state, was given {sorted(state)}"
-            )
+    _fresh_delta: bool = True
 
 
 class Median(_Robust):
