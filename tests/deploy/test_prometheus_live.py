@@ -19,6 +19,7 @@ and the fixture stops it with SIGTERM.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable
@@ -232,6 +233,7 @@ class Observation:
     exits: dict[str, int | None]  # by process, after SIGTERM
     leftovers: list[str]
     prometheus_log: str
+    declared: set[str]  # every series name the services' expositions declare
 
 
 @pytest.fixture(scope="module")
@@ -254,11 +256,13 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Observation:
         unmet = wait_for_checks(prom, supervisor, checks, METRICS_TIMEOUT_SECONDS)
         done = [v for _, v in prom.query('hfl_aggregator_federation_done{job="hfl-aggregator"}')]
         renamed = renamed_labels(prom)
+        declared: set[str] = set()
         linted = {}
         for name, address in federation.metrics.items():
             status, exposition = http_get(f"http://{address}/metrics")
             assert status == 200, f"{name} /metrics answered {status}"
             linted[name] = promtool_check_metrics(promtool, exposition)
+            declared |= _declared_series(exposition)
     finally:
         if prom is not None:
             prom.stop()
@@ -275,7 +279,21 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Observation:
         exits,
         _descendants_in(base),
         prom.tail(),
+        declared,
     )
+
+
+def _declared_series(exposition: str) -> set[str]:
+    """Series names an exposition declares (# TYPE), including those with no sample yet
+    (a labelled counter nobody incremented, e.g. refusals in a healthy run)."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    names = set()
+    for line in exposition.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(maxsplit=3)
+            names.add(name)
+            names |= {name + s for s in suffixes.get(kind, ())}
+    return names
 
 
 @pytest.mark.slow
@@ -284,6 +302,18 @@ def test_prometheus_scrapes_every_service_of_a_live_federation(observed: Observa
     assert unmet == {}, f"prometheus log:\n{observed.prometheus_log}"
     # Seen while the federation ran, not as the record of a finished one.
     assert observed.federation_done == [0.0]
+
+
+@pytest.mark.slow
+def test_every_metric_the_dashboard_and_alerts_use_is_really_exported(
+    observed: Observation,
+) -> None:
+    dashboard = PROMETHEUS_DIR.parent / "grafana" / "dashboards" / "hfl.json"
+    used = set()
+    for path in (dashboard, ALERTS):
+        used |= set(re.findall(r"\b(hfl_[a-z_]+)", path.read_text()))
+    assert len(used) > 20
+    assert sorted(used - observed.declared) == []
 
 
 @pytest.mark.slow
