@@ -116,7 +116,7 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}" if value and math.isfinite(value) else "-"
 
 
-def format_status(s: aggregator_pb2.GetStatusResponse) -> str:
+def format_status(s: aggregator_pb2.GetStatusResponse, last_rounds: int = 10) -> str:
     lines = [
         f"federation {s.federation_id}: {s.state}, round {s.round}/{s.total_rounds}, "
         f"model version {s.model_version}",
@@ -132,8 +132,9 @@ def format_status(s: aggregator_pb2.GetStatusResponse) -> str:
             f"(refused {t.updates_refused})  examples {t.num_examples}  "
             f"last seen {seen:%H:%M:%S}  MRENCLAVE {t.mrenclave[:16]}…"
         )
-    lines += ["", "rounds:"]
-    for r in s.rounds:
+    shown = list(s.rounds)[-last_rounds:] if last_rounds > 0 else list(s.rounds)
+    lines += ["", f"rounds (last {len(shown)} of {len(s.rounds)}):"]
+    for r in shown:
         lines.append(
             f"  {r.round:>4} {r.state:<9} updates {r.updates}  train loss {_fmt(r.train_loss)}  "
             f"eval loss {_fmt(r.eval_loss)}  accuracy {_fmt(r.eval_accuracy)}"
@@ -151,6 +152,7 @@ def status_main(argv: Sequence[str] | None) -> int:
     p.add_argument("--sim-platform", type=Path)
     p.add_argument("--collateral-dir", type=Path)
     p.add_argument("--json", action="store_true", help="print the Status message as JSON")
+    p.add_argument("--rounds", type=int, default=10, help="rounds to list (0: all)")
     ns = p.parse_args(argv)
     run = ns.run or (Path("runs/latest") if not ns.aggregator else None)
     aggregator = ns.aggregator
@@ -185,7 +187,7 @@ def status_main(argv: Sequence[str] | None) -> int:
 
         print(json_format.MessageToJson(status))
     else:
-        print(format_status(status))
+        print(format_status(status, ns.rounds))
     return 0
 
 
