@@ -6,6 +6,7 @@ parsed from TOML, the service started in-process on 127.0.0.1 port 0 over TLS.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from hfl_attestation.service import (
+    SELF_CERTIFICATE_VALIDITY,
     AttestationServiceConfig,
     RunningAttestationService,
     start_attestation_service,
@@ -162,6 +164,7 @@ def start_service(
         registry: CollectorRegistry | None = None,
         service_policy: AttestationPolicy | None = None,
         port: int = 0,
+        self_certificate_validity: dt.timedelta = SELF_CERTIFICATE_VALIDITY,
     ) -> RunningAttestationService:
         identity = identity or identities.attestation
         use_policy = service_policy or policy
@@ -183,6 +186,7 @@ def start_service(
                     require_client_auth=False,
                 ),
                 state_dir=state_dir or tmp_path / "attestation-state",
+                self_certificate_validity=self_certificate_validity,
             ),
             policy=use_policy,
             verifier=verifier,

@@ -21,12 +21,15 @@ from prometheus_client import CollectorRegistry
 
 from hfl_common.api import attestation_pb2, attestation_pb2_grpc
 from hfl_common.attest_client import (
+    PinnedAttestationService,
     bootstrap_attestation_service,
     embedded_evidence,
     evidence_quote,
+    fetch_server_certificate,
     key_dns_name,
     obtain_certificate,
     peer_id_for,
+    verify_ra_tls_certificate,
 )
 from hfl_common.config import AttestationPolicy, load_policy
 from hfl_common.errors import PermissionDeniedError
@@ -34,9 +37,12 @@ from hfl_common.ratls import (
     LEGACY_QUOTE_OID,
     TCG_DICE_TAGGED_EVIDENCE_OID,
     EnclaveKey,
+    certificate_pem,
     make_ra_tls_certificate,
+    parse_ra_tls_certificate,
     user_data_from_report_data,
 )
+from hfl_common.server import make_channel
 from hfl_common.tee import (
     DirectoryCollateral,
     EnclaveIdentity,
@@ -461,3 +467,45 @@ def test_main_reports_user_errors_in_one_line_with_exit_code_2(tmp_path: Path) -
     assert lines[0].startswith("error: ")
     assert "mrenclave must be hexadecimal" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_attestation_service_renews_its_own_certificate_without_restart(
+    start_service: ServiceFactory,
+    make_verifier: VerifierFactory,
+    identities: Identities,
+    platform: SimulatedPlatform,
+) -> None:
+    service = start_service(self_certificate_validity=dt.timedelta(seconds=3))
+    first = fetch_server_certificate("127.0.0.1", service.port)
+    deadline = time.monotonic() + 20
+    while service.own_certificate.renewals < 1:
+        assert time.monotonic() < deadline, "the own certificate was not renewed in time"
+        time.sleep(0.1)
+    second = fetch_server_certificate("127.0.0.1", service.port)
+    assert second != first
+    old, new = parse_ra_tls_certificate(first), parse_ra_tls_certificate(second)
+    assert new.spki_sha256 == old.spki_sha256  # the same enclave key, fresh evidence
+    assert new.certificate.not_valid_after_utc > old.certificate.not_valid_after_utc
+    # Pins are to the exact certificate (grpcio takes only root certificates), so a new
+    # connection pinned to the old one is refused...
+    old_pin = make_channel(
+        service.target,
+        grpc.ssl_channel_credentials(root_certificates=certificate_pem(first)),
+        target_name_override=service.key_dns_name,
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        attestation_pb2_grpc.AttestationServiceStub(old_pin).GetTrustBundle(
+            attestation_pb2.GetTrustBundleRequest(), timeout=10
+        )
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    # ...and a client holding it re-verifies the renewed certificate's evidence, pins it
+    # and carries on: here, a trainer getting its certificate through the stale pin.
+    verifier = make_verifier()
+    verdict = verify_ra_tls_certificate(old, verifier, "attestation")
+    stale = PinnedAttestationService(service.target, old_pin, old, verdict, verifier=verifier)
+    issued = obtain_certificate(
+        stale, EnclaveKey.generate(), SimulatedProvider(platform, identities.trainer), "trainer"
+    )
+    assert issued.certificate.not_valid_after_utc > dt.datetime.now(dt.UTC)
+    assert stale.certificate.der == second
+    stale.close()

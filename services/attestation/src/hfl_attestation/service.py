@@ -30,6 +30,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +66,7 @@ from hfl_common.sealing import SealingKeySource
 from hfl_common.server import (
     PeerIdentity,
     RunningServer,
+    ServerCertificate,
     ServerConfig,
     ServiceRegistration,
     build_server,
@@ -136,9 +139,19 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
         self._verifier = verifier
         self._policy = policy
         self._own_pem = own_certificate_pem
+        self._own_lock = threading.Lock()
         self._metrics = metrics
 
     # -- IssueCertificate -------------------------------------------------------------
+
+    @property
+    def own_certificate_pem(self) -> bytes:
+        with self._own_lock:
+            return self._own_pem
+
+    def replace_own_certificate(self, pem: bytes) -> None:
+        with self._own_lock:
+            self._own_pem = pem
 
     def IssueCertificate(  # noqa: N802 - gRPC method name
         self, request: attestation_pb2.IssueCertificateRequest, context: grpc.ServicerContext
@@ -259,7 +272,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
     ) -> attestation_pb2.GetTrustBundleResponse:
         return attestation_pb2.GetTrustBundleResponse(
             ca_certificates_pem=self._ca.pem.decode(),
-            attestation_certificate_pem=self._own_pem.decode(),
+            attestation_certificate_pem=self.own_certificate_pem.decode(),
             policy_sha256=self._policy.sha256.hex(),
         )
 
@@ -293,9 +306,14 @@ class RunningAttestationService:
 
     server: RunningServer
     ca: FederationCA
-    certificate_pem: bytes
     key_dns_name: str
     servicer: AttestationServicer
+    own_certificate: OwnCertificate
+
+    @property
+    def certificate_pem(self) -> bytes:
+        """Our current self-signed RA-TLS certificate (renewed before it expires)."""
+        return self.servicer.own_certificate_pem
 
     @property
     def port(self) -> int:
@@ -327,25 +345,8 @@ def start_attestation_service(
     ca = FederationCA.load_or_create(config.state_dir, sealing)
     key = EnclaveKey.generate()
     pinned_name = key_dns_name(key.spki_sha256)
-    der = make_ra_tls_certificate(
-        key,
-        provider,
-        common_name="hfl attestation service",
-        dns_names=(role_dns_name(ATTESTATION_ROLE), pinned_name),
-        role=ATTESTATION_ROLE,
-        validity=config.self_certificate_validity,
-    )
-    own_pem = certificate_pem(der)
-    own_verdict = verify_ra_tls_certificate(
-        parse_ra_tls_certificate(der), verifier, ATTESTATION_ROLE
-    )
-    if not own_verdict.accepted:
-        logger.warning(
-            "this attestation service's own evidence is refused by its policy "
-            "(%s: %s); clients holding the same policy will refuse it too",
-            own_verdict.reason_code,
-            own_verdict.reason,
-        )
+    own = OwnCertificate(key, provider, verifier, config.self_certificate_validity)
+    own_pem = own.renew()
     servicer = AttestationServicer(
         ca=ca,
         verifier=verifier,
@@ -353,9 +354,13 @@ def start_attestation_service(
         own_certificate_pem=own_pem,
         metrics=AttestationMetrics(registry),
     )
-    credentials = grpc.ssl_server_credentials(
-        [(key.private_key_pem_for_grpc(), own_pem)], require_client_auth=False
-    )
+    key_pem = key.private_key_pem_for_grpc()
+
+    def credentials() -> ServerCertificate:
+        # Re-read before every handshake: a renewed certificate needs no restart. Client
+        # certificates are optional here; those presented must chain to the federation CA.
+        return ServerCertificate(key_pem, servicer.own_certificate_pem, ca.pem)
+
     server = build_server(
         config.server,
         services=[
@@ -369,6 +374,8 @@ def start_attestation_service(
         registry=registry,
         authorizer=OpenAuthorizer(),
     )
+    own.start(servicer.replace_own_certificate)
+    server.add_shutdown_hook(own.stop)
     server.set_serving(True)
     logger.info(
         "attestation service serving on %s (CA %s, own key name %s, policy %s)",
@@ -380,7 +387,82 @@ def start_attestation_service(
     return RunningAttestationService(
         server=server,
         ca=ca,
-        certificate_pem=own_pem,
         key_dns_name=pinned_name,
         servicer=servicer,
+        own_certificate=own,
     )
+
+
+class OwnCertificate:
+    """The attestation service's self-signed RA-TLS certificate, re-made with fresh
+    evidence for the same enclave key at two thirds of its validity, without a restart.
+
+    Clients pin the exact certificate (grpcio accepts only root certificates), so a new
+    connection through an old pin fails; `obtain_certificate` then re-verifies the service
+    (the renewed certificate's fresh quote) and pins again, once, by itself.
+    """
+
+    def __init__(
+        self,
+        key: EnclaveKey,
+        provider: QuoteProvider,
+        verifier: QuoteVerifier,
+        validity: dt.timedelta,
+    ) -> None:
+        self._key = key
+        self._provider = provider
+        self._verifier = verifier
+        self._validity = validity
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.renewals = 0
+        self.not_after = dt.datetime.now(dt.UTC)
+
+    def renew(self) -> bytes:
+        """Make a new certificate (a fresh quote); return its PEM."""
+        der = make_ra_tls_certificate(
+            self._key,
+            self._provider,
+            common_name="hfl attestation service",
+            dns_names=(role_dns_name(ATTESTATION_ROLE), key_dns_name(self._key.spki_sha256)),
+            role=ATTESTATION_ROLE,
+            validity=self._validity,
+        )
+        parsed = parse_ra_tls_certificate(der)
+        verdict = verify_ra_tls_certificate(parsed, self._verifier, ATTESTATION_ROLE)
+        if not verdict.accepted:
+            logger.warning(
+                "this attestation service's own evidence is refused by its policy "
+                "(%s: %s); clients holding the same policy will refuse it too",
+                verdict.reason_code,
+                verdict.reason,
+            )
+        self.not_after = parsed.certificate.not_valid_after_utc
+        return certificate_pem(der)
+
+    def seconds_until_renewal(self) -> float:
+        due = self.not_after - self._validity / 3
+        return max(0.0, (due - dt.datetime.now(dt.UTC)).total_seconds())
+
+    def start(self, install: Callable[[bytes], None]) -> None:
+        def run() -> None:
+            while not self._stop.wait(self.seconds_until_renewal()):
+                try:
+                    install(self.renew())
+                    self.renewals += 1
+                    logger.info(
+                        "own RA-TLS certificate renewed; valid until %s",
+                        self.not_after.isoformat(),
+                    )
+                except Exception:
+                    logger.exception("renewing the own RA-TLS certificate failed; retrying")
+                    if self._stop.wait(min(60.0, self._validity.total_seconds() / 10)):
+                        return
+
+        self._thread = threading.Thread(target=run, name="hfl-own-cert-renewer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
