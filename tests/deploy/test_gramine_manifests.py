@@ -260,8 +260,10 @@ def test_enclave_resources_per_service(role: str, size: str, threads: int, edmm:
         assert text[:line].rstrip().splitlines()[-1].startswith("#"), key
 
 
-def test_attestation_argv_carries_the_pccs_url() -> None:
-    argv = render("attestation")["loader"]["argv"]
+@pytest.mark.parametrize("role", ROLES)
+def test_argv_carries_the_pccs_url_every_verifier_needs(role: str) -> None:
+    # Every service verifies its peers' quotes, so every one needs collateral.
+    argv = render(role)["loader"]["argv"]
     assert argv[argv.index("--pccs-url") + 1] == DEFINES["pccs_url"]
 
 
