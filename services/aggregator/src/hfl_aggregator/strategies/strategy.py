@@ -218,7 +218,19 @@ def _zeros(w: Array) -> Array:
     return np.zeros(w.shape, dtype=np.result_type(w.dtype, np.float32))
 
 
-class FedAvgM:
+class _WithMoments:
+    """Strategies whose state is their server optimizer's moments (sealed in checkpoints)."""
+
+    _moments: _Moments
+
+    def state(self) -> dict[str, Array]:
+        return self._moments.state()
+
+    def load_state(self, state: Mapping[str, Array]) -> None:
+        self._moments.load(state)
+
+
+class FedAvgM(_WithMoments):
     """FedAvg with server momentum (Hsu et al. 2019) on the pseudo-gradient -mean(delta)."""
 
     name: str = "fedavgm"
@@ -247,17 +259,11 @@ class FedAvgM:
         self._moments.step += 1
         return new
 
-    def state(self) -> dict[str, Array]:
-        return self._moments.state()
-
-    def load_state(self, state: Mapping[str, Array]) -> None:
-        self._moments.load(state)
-
 
 AdaptiveRule = Literal["adam", "yogi", "adagrad"]
 
 
-class _FedAdaptive:
+class _FedAdaptive(_WithMoments):
     """Reddi et al. 2021, "Adaptive Federated Optimization" (ICLR 2021),
     Algorithm 2, on the pseudo-gradient -mean(delta); server_lr is its eta."""
 
@@ -311,12 +317,6 @@ class _FedAdaptive:
         self._moments.step += 1
         return new
 
-    def state(self) -> dict[str, Array]:
-        return self._moments.state()
-
-    def load_state(self, state: Mapping[str, Array]) -> None:
-        self._moments.load(state)
-
 
 class FedAdam(_FedAdaptive):
     """FedAdam: v' = beta2 * v + (1 - beta2) * g**2."""
@@ -345,7 +345,7 @@ class FedAdagrad(_FedAdaptive):
 ServerOptimizer = Literal["sgd", "adam"]
 
 
-class FedSGD:
+class FedSGD(_WithMoments):
     """The parameter-server workflow: trainers send gradients; the server
     averages them (weighted by examples) and takes one optimizer step."""
 
@@ -407,12 +407,6 @@ class FedSGD:
             self._moments.buffers = {"m": new_m, "v": new_v}
         self._moments.step += 1
         return new
-
-    def state(self) -> dict[str, Array]:
-        return self._moments.state()
-
-    def load_state(self, state: Mapping[str, Array]) -> None:
-        self._moments.load(state)
 
 
 # ------------------------------------------------------------------ robust rules
