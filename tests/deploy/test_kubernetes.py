@@ -567,9 +567,10 @@ def test_images_are_the_compose_images(rendered: Rendered) -> None:
             f"{compose_name} runs {expected!r} (its ${{VAR:-default}} defaults)"
         )
         for init in workload["spec"]["template"]["spec"].get("initContainers", []):
-            if init["name"] == "sim-bootstrap":
+            if init["name"] != "aesmd":
                 assert init["image"] == got, (
-                    f"{rendered.name} {service}: init image {init['image']}"
+                    f"{rendered.name} {service}: init container {init['name']} runs "
+                    f"{init['image']}, not the service's own image {got}"
                 )
 
 
@@ -1091,3 +1092,22 @@ def test_simulated_pods_unpack_a_platform_the_services_load(
         packed = tar.extractfile("platform/sealing_secret")
         assert packed is not None
         assert simulated_sealing_secret(platform_dir) == packed.read()
+
+
+def test_aggregator_waits_for_the_attestation_service_it_is_configured_with(
+    rendered_sgx: dict[str, Rendered],
+) -> None:
+    """As compose's depends_on service_healthy: it waits for what HFL_ATTESTATION names."""
+    r = rendered_sgx["overlays/sgx"]
+    aggregator = r.find("StatefulSet", "aggregator")
+    (wait,) = [
+        c
+        for c in aggregator["spec"]["template"]["spec"]["initContainers"]
+        if c["name"] == "wait-for-attestation"
+    ]
+    match = re.search(r'host, port = "([^"]+)", (\d+)', wait["command"][2])
+    assert match, "wait-for-attestation: no `host, port = ...` line"
+    target = f"{match.group(1)}:{match.group(2)}"
+    assert env_of(service_container(aggregator))["HFL_ATTESTATION"] == target
+    svc = r.find("Service", match.group(1))
+    assert int(match.group(2)) in {p["port"] for p in svc["spec"]["ports"]}
