@@ -6,9 +6,10 @@ agreed/ directories play no part), and every rendered object is validated:
 
 * built-in kinds against the Kubernetes OpenAPI schemas of K8S_VERSION, strictly
   (unknown fields refused), with kubernetes-validate (root dev dependency group);
-* the Prometheus Operator's PodMonitor against PODMONITOR_SCHEMA below: the
-  subset of monitoring.coreos.com/v1 PodMonitor (prometheus-operator v0.79) this
-  deployment uses, closed (additionalProperties false), so a misspelt field fails.
+* the Prometheus Operator's PodMonitor and PrometheusRule against
+  OPERATOR_SCHEMAS below: the subsets of monitoring.coreos.com/v1 (prometheus-
+  operator v0.79 CRDs) this deployment uses, closed (additionalProperties
+  false), so a misspelt field fails.
 
 Then the rendered objects are compared with deploy/compose.yaml, the
 Dockerfiles, the Gramine manifest templates and deploy/prometheus: images,
@@ -193,6 +194,54 @@ PODMONITOR_SCHEMA: dict[str, Any] = {
         },
     },
 }
+
+
+_RULE: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["expr"],
+    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+    "properties": {
+        "alert": {"type": "string"},
+        "record": {"type": "string"},
+        "expr": {"type": "string"},
+        "for": _DURATION,
+        "keep_firing_for": _DURATION,
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+PROMETHEUSRULE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": PODMONITOR_SCHEMA["properties"]["metadata"],
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "interval": _DURATION,
+                            "rules": {"type": "array", "items": _RULE},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+OPERATOR_SCHEMAS = {"PodMonitor": PODMONITOR_SCHEMA, "PrometheusRule": PROMETHEUSRULE_SCHEMA}
 
 
 # --------------------------------------------------------------------- helpers
@@ -433,11 +482,11 @@ def _validate(rendered: Rendered) -> None:
     for obj in rendered.objects:
         what = f"{rendered.name}: {obj['kind']} {obj['metadata']['name']}"
         if obj["apiVersion"].startswith("monitoring.coreos.com/"):
-            assert obj["kind"] == "PodMonitor", (
-                f"{what}: no schema here for {obj['kind']}; add one like PODMONITOR_SCHEMA"
+            assert obj["kind"] in OPERATOR_SCHEMAS, (
+                f"{what}: no schema here for {obj['kind']}; add one to OPERATOR_SCHEMAS"
             )
             try:
-                jsonschema.validate(obj, PODMONITOR_SCHEMA)
+                jsonschema.validate(obj, OPERATOR_SCHEMAS[obj["kind"]])
             except jsonschema.ValidationError as exc:
                 errors.append(f"{what}: {exc.message} at {list(exc.absolute_path)}")
             continue
@@ -1111,3 +1160,12 @@ def test_aggregator_waits_for_the_attestation_service_it_is_configured_with(
     assert env_of(service_container(aggregator))["HFL_ATTESTATION"] == target
     svc = r.find("Service", match.group(1))
     assert int(match.group(2)) in {p["port"] for p in svc["spec"]["ports"]}
+
+
+def test_prometheusrule_is_the_compose_alert_rules(rendered_sgx: dict[str, Rendered]) -> None:
+    rule = rendered_sgx["overlays/sgx"].find("PrometheusRule", "hfl")
+    alerts = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    assert rule["spec"]["groups"] == alerts["groups"], (
+        "deploy/kubernetes/base/prometheusrule.yaml differs from deploy/prometheus/alerts.yml: "
+        "run .venv/bin/python scripts/gen_prometheusrule.py"
+    )
