@@ -1169,3 +1169,61 @@ def test_prometheusrule_is_the_compose_alert_rules(rendered_sgx: dict[str, Rende
         "deploy/kubernetes/base/prometheusrule.yaml differs from deploy/prometheus/alerts.yml: "
         "run .venv/bin/python scripts/gen_prometheusrule.py"
     )
+
+
+def test_trainer_kustomization_holds_nothing_of_the_centre(
+    rendered_sgx: dict[str, Rendered],
+) -> None:
+    trainer = rendered_sgx["trainer/overlays/sgx"]
+    kinds = sorted({o["kind"] for o in trainer.objects})
+    assert kinds == [
+        "ConfigMap",
+        "Deployment",
+        "NetworkPolicy",
+        "PersistentVolumeClaim",
+        "PodMonitor",
+    ], kinds
+    central = {(o["kind"], o["metadata"]["name"]) for o in rendered_sgx["overlays/sgx"].objects}
+    shared = {(o["kind"], o["metadata"]["name"]) for o in trainer.objects} & central
+    # Only the AESM's QCNL ConfigMap comes from the same component.
+    assert {name for _, name in shared} <= {
+        o["metadata"]["name"]
+        for o in trainer.objects
+        if o["metadata"]["name"].startswith("hfl-aesmd-qcnl-")
+    }, shared
+
+
+def test_the_documented_party_overlay_renders_with_the_partys_settings(tmp_path: Path) -> None:
+    """docs/kubernetes.md's party-a overlay, with the remote base replaced by this checkout's."""
+    doc = (REPO / "docs" / "kubernetes.md").read_text()
+    match = re.search(r"```yaml\n# party-a/kustomization.yaml\n(.*?)```", doc, re.DOTALL)
+    assert match, "docs/kubernetes.md: no `# party-a/kustomization.yaml` block"
+    kube = copy_deploy(tmp_path)
+    party = tmp_path / "party-a"
+    party.mkdir()
+    text = re.sub(
+        r"https://github\.com/\S+//deploy/kubernetes/(\S+)\?ref=\S+",
+        lambda m: "../deploy/kubernetes/" + m.group(1),
+        match.group(1),
+    )
+    (party / "kustomization.yaml").write_text(text)
+    (party / "namespace.yaml").write_text(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: hfl-party-a\n"
+    )
+    (party / "data-pvc.yaml").write_text(
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: hfl-trainer-data\n"
+        "spec:\n  accessModes: [ReadOnlyMany]\n  resources: {requests: {storage: 10Gi}}\n"
+    )
+    shutil.copy(kube / "components" / "sgx" / "sgx_default_qcnl.conf", party)
+    r = Rendered("party-a", tuple(kustomize(party)))
+    _validate(r)
+    deployment = r.find("Deployment", "trainer")
+    assert deployment["metadata"]["namespace"] == "hfl-party-a"
+    env = env_of(service_container(deployment), r)
+    assert env["HFL_LABEL"] == "party-a"
+    assert env["HFL_AGGREGATOR"] == "aggregator.fed.example:7401"
+    assert env["HFL_ATTESTATION"] == "attestation.fed.example:7400"
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert labels["hfl.io/party"] == env["HFL_LABEL"]
+    assert service_container(deployment)["image"] == "registry.party-a.example/hfl-sgx-trainer:1"
+    test_every_referenced_configmap_secret_and_claim_is_rendered(r)
