@@ -263,10 +263,17 @@ def resolve_compose_default(value: str) -> str:
     return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", value)
 
 
+class _ComposeServices(dict[str, Any]):
+    def __missing__(self, key: str) -> Any:
+        raise AssertionError(
+            f"deploy/compose.yaml has no service {key!r}, which the Kubernetes manifests are "
+            f"compared with (it has {sorted(self)}); update COMPOSE_SERVICE in this test"
+        )
+
+
 def compose_services() -> dict[str, Any]:
     # PyYAML's SafeLoader expands the `<<` merge keys of the x- anchors.
-    svcs: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())["services"]
-    return svcs
+    return _ComposeServices(yaml.safe_load(COMPOSE.read_text())["services"])
 
 
 def dockerfile_env(path: Path) -> dict[str, str]:
@@ -627,10 +634,22 @@ def _expected_ports(tee: str, service: str) -> dict[str, int]:
     """gRPC and metrics ports from the Dockerfile (simulated) or the manifest's argv (sgx)."""
     if tee == "sgx":
         argv = render_manifest(service)["loader"]["argv"]
-        return {
+        ports = {
             "grpc": port_of(argv[argv.index("--listen") + 1]),
             "metrics": port_of(argv[argv.index("--metrics-listen") + 1]),
         }
+        # Dockerfile.sgx's HEALTHCHECK has its own table of metrics ports.
+        table = re.search(r"\{('attestation'[^}]*)\}", (DOCKER / "Dockerfile.sgx").read_text())
+        assert table, (
+            "deploy/docker/Dockerfile.sgx: no {'attestation': port, ...} healthcheck table"
+        )
+        healthcheck = {k: int(v) for k, v in re.findall(r"'(\w+)':\s*(\d+)", table.group(1))}
+        assert healthcheck.get(service) == ports["metrics"], (
+            f"deploy/docker/Dockerfile.sgx HEALTHCHECK polls {service} on "
+            f"{healthcheck.get(service)}, gramine/{service}.manifest.template serves metrics "
+            f"on {ports['metrics']}"
+        )
+        return ports
     env = dockerfile_env(DOCKER / f"Dockerfile.{service}")
     return {"grpc": port_of(env["HFL_LISTEN"]), "metrics": port_of(env["HFL_METRICS_LISTEN"])}
 
