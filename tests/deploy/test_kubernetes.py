@@ -30,6 +30,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import tomllib
 from collections.abc import Iterator
@@ -403,7 +404,7 @@ def copy_deploy(dest: Path) -> Path:
 def sim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real `hfl init` directory, as the docs have an operator make one."""
     directory = tmp_path_factory.mktemp("hfl-init") / "sim"
-    hfl = REPO / ".venv" / "bin" / "hfl"
+    hfl = Path(sys.executable).parent / "hfl"
     proc = subprocess.run(
         [str(hfl), "init", str(directory)], check=False, capture_output=True, text=True, timeout=300
     )
@@ -1138,7 +1139,7 @@ def test_simulated_pods_unpack_a_platform_the_services_load(
     for path, root in sorted(roots.items(), key=lambda kv: -len(kv[0])):
         script = script.replace(f'"{path}/', f'"{root}/').replace(f'"{path}"', f'"{root}"')
     proc = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "python"), "-c", script],
+        [sys.executable, "-c", script],
         check=False,
         capture_output=True,
         text=True,
