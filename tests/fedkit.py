@@ -130,6 +130,7 @@ class PlanSpec:
     strategy_params: tuple[tuple[str, float], ...] = ()
     max_norm: float = 0.0
     name: str = "fedkit"
+    liveness_seconds: float = 60.0
 
     def toml(self, weights_file: str, weights_sha256: str) -> str:
         strategy = "\n".join(f"{k} = {v!r}" for k, v in self.strategy_params)
@@ -144,7 +145,8 @@ class PlanSpec:
             f"fraction = {self.fraction!r}\n"
             f"round_timeout_seconds = {float(self.round_timeout_seconds)!r}\n"
             f"max_round_retries = {self.max_round_retries}\n"
-            f"seed = {self.seed}\n\n"
+            f"seed = {self.seed}\n"
+            f"liveness_seconds = {float(self.liveness_seconds)!r}\n\n"
             "[model]\n"
             'name = "small_cnn"\n'
             "input_shape = [8, 8, 1]\n"
@@ -276,6 +278,7 @@ def start_aggregator(
     tick_seconds: float = 0.1,
     upload_slots: int = 1,
     serve_metrics: bool = False,
+    header_timeout_seconds: float = 10.0,
 ) -> RunningAggregator:
     """The aggregator in-process on 127.0.0.1 port 0; call .stop(0) when done.
 
@@ -290,6 +293,7 @@ def start_aggregator(
         listen="127.0.0.1:0",
         metrics_listen="127.0.0.1:0" if serve_metrics else None,
         upload_slots=upload_slots,
+        header_timeout_seconds=header_timeout_seconds,
         tick_seconds=tick_seconds,
         grace_seconds=0.5,
     )

@@ -8,7 +8,8 @@ global model and the round as they were.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,8 +67,8 @@ class Federation:
 
     def round_state(self) -> tuple[str, int, int, list[tuple[int, str, int]]]:
         snap = self.aggregator.engine.snapshot()
-        rounds = [(r["round"], r["state"], r["updates"]) for r in snap["rounds"]]
-        return snap["state"], snap["round"], snap["model_version"], rounds
+        rounds = [(r.round, r.state.value, r.updates) for r in snap.rounds]
+        return snap.phase.value, snap.round, snap.model_version, rounds
 
     def assert_refused(
         self,
@@ -295,9 +296,9 @@ def test_peer_that_vanishes_mid_stream_is_counted_and_the_round_stays_open(
     fedkit.wait_until(lambda: federation.refused("stream") == before + 1, "the refusal count")
     assert federation.round_state()[:3] == ("training", 1, 0)
     trainer_a = next(
-        t for t in federation.aggregator.engine.snapshot()["trainers"] if t["label"] == t1.label
+        t for t in federation.aggregator.engine.snapshot().trainers if t.label == t1.label
     )
-    assert trainer_a["updates_refused"] == 1
+    assert trainer_a.updates_refused == 1
     assert t1.get_task().task_id == task1.task_id  # its task is still open
     t1.upload(d1, task1)
     t2.upload(d2, task2)
@@ -324,7 +325,7 @@ def test_join_under_another_plan_is_refused(
         f"{aggregator.plan.sha256_hex[:16]}…",
     )
     assert "both sides must use the same plan file" in details
-    assert aggregator.engine.snapshot()["trainers"] == []
+    assert aggregator.engine.snapshot().trainers == ()
     assert fed.round_state() == ("waiting_for_trainers", 0, 0, [])
 
 
@@ -343,7 +344,7 @@ def test_join_with_another_model_is_refused_naming_the_first_mismatching_tensor(
         "trainer model vs the plan's model: tensor 'dense/kernel' has shape (8, 5), "
         "expected (8, 4)",
     )
-    assert aggregator.engine.snapshot()["trainers"] == []
+    assert aggregator.engine.snapshot().trainers == ()
 
 
 def test_calls_with_an_unknown_session_are_not_found(federation: Federation) -> None:
@@ -386,7 +387,7 @@ def test_operator_may_read_status_but_not_join(
         grpc.StatusCode.PERMISSION_DENIED,
         "role operator may not call /hfl.v1.AggregatorService/Join; allowed: trainer",
     )
-    assert len(federation.aggregator.engine.snapshot()["trainers"]) == 2
+    assert len(federation.aggregator.engine.snapshot().trainers) == 2
 
 
 def test_trainer_may_not_read_status(federation: Federation) -> None:
@@ -447,10 +448,10 @@ def test_round_closes_at_the_deadline_with_the_updates_it_has(
     trainers.t1.upload(d1, task)
 
     fedkit.wait_until(lambda: aggregator.engine.model()[1] == 1, "the deadline", timeout=10)
-    summary = aggregator.engine.snapshot()["rounds"][0]
-    assert (summary["round"], summary["state"], summary["updates"]) == (1, "completed", 1)
+    summary = aggregator.engine.snapshot().rounds[0]
+    assert (summary.round, summary.state.value, summary.updates) == (1, "completed", 1)
     # it closed at the deadline, not at trainer-a's update
-    assert summary["duration_seconds"] >= DEADLINE_SECONDS
+    assert summary.duration_seconds >= DEADLINE_SECONDS
     _, _, model = aggregator.engine.model()
     for name, array in fedavg(files, [(T1_EXAMPLES, d1)]).items():
         np.testing.assert_array_equal(model[name], array)
@@ -494,6 +495,43 @@ def test_round_without_enough_updates_fails_and_is_retried(
     assert version == 1
     for name, array in fedavg(files, [(T1_EXAMPLES, d1), (T2_EXAMPLES, d2)]).items():
         np.testing.assert_array_equal(model[name], array)
+
+
+def test_a_session_presented_by_another_trainer_is_permission_denied(
+    federation: Federation,
+) -> None:
+    with fedkit.rpc_error() as caught:
+        federation.t2.get_task(session_id=federation.t1.session_id)
+    code, details = fedkit.code_and_details(caught)
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert f"this session belongs to trainer {federation.t1.trainer_id}" in details
+
+
+def test_an_upload_stream_without_a_header_holds_no_slot_and_is_cut_off(
+    start_aggregator: AggregatorFactory, trainers: Trainers, files: fedkit.FederationFiles
+) -> None:
+    aggregator = start_aggregator(NO_EVAL, header_timeout_seconds=1.0)
+    join_both(aggregator, trainers)
+    task = trainers.t1.wait_for_task(TRAIN)
+    trainers.t2.wait_for_task(TRAIN)
+    release = threading.Event()
+
+    def silent() -> Iterator[aggregator_pb2.UploadUpdateRequest]:
+        release.wait(fedkit.RPC_TIMEOUT_SECONDS)
+        yield from ()
+
+    idle = trainers.t1.stub.UploadUpdate.future(silent(), timeout=fedkit.RPC_TIMEOUT_SECONDS)
+    try:
+        # the only upload slot is free for trainer-b while trainer-a's stream idles
+        response = trainers.t2.upload(patterned_update(files, 1), task)
+        assert response.round == 1
+        with fedkit.rpc_error() as caught:
+            idle.result()
+    finally:
+        release.set()
+    code, details = fedkit.code_and_details(caught)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no update header within 1 s of opening the upload stream" in details
 
 
 # --- status ----------------------------------------------------------------------------------

@@ -85,3 +85,9 @@ class EvidenceError(PermissionDeniedError):
 
 class StreamError(InvalidArgumentError):
     """A tensor stream is truncated, reordered, corrupted or does not match its header."""
+
+
+class DeadlineExceededError(HflError):
+    """Something the call waited for did not come in time (an upload's header)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED

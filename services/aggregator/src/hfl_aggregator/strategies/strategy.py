@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -347,7 +347,11 @@ ServerOptimizer = Literal["sgd", "adam"]
 
 class FedSGD(_WithMoments):
     """The parameter-server workflow: trainers send gradients; the server
-    averages them (weighted by examples) and takes one optimizer step."""
+    averages them (weighted by examples) and takes one optimizer step.
+
+    Variables named in `non_trainable` (BatchNorm moving statistics) carry their
+    new values, not gradients, in the update: their new global value is the
+    weighted mean, and the optimizer does not step them."""
 
     name: str = "fedsgd"
     needs_all_updates: bool = False
@@ -360,7 +364,9 @@ class FedSGD(_WithMoments):
         beta1: float = 0.9,
         beta2: float = 0.999,
         epsilon: float = 1e-7,
+        non_trainable: Sequence[str] = (),
     ) -> None:
+        self.non_trainable = frozenset(non_trainable)
         self.optimizer = optimizer
         self.server_lr = server_lr
         self.momentum = momentum
@@ -376,12 +382,19 @@ class FedSGD(_WithMoments):
     def aggregate(self, global_weights: Weights, updates: UpdateSource) -> Weights:
         _check_same_model(global_weights, updates)
         grads = updates.mean()
+        missing = sorted(self.non_trainable - set(global_weights))
+        if missing:
+            raise InvalidArgumentError(f"non-trainable variables {missing} are not in the model")
         new: Weights = {}
         if self.optimizer == "sgd":
             self._moments.ensure(global_weights, {"velocity": _zeros})
             velocity = self._moments.buffers["velocity"]
             new_velocity: dict[str, Array] = {}
             for name, w in global_weights.items():
+                if name in self.non_trainable:
+                    new[name] = grads[name].astype(w.dtype)
+                    new_velocity[name] = velocity[name]
+                    continue
                 new[name], new_velocity[name] = agg.sgd_momentum_step(
                     w, grads[name], velocity[name], self.server_lr, self.momentum
                 )
@@ -393,6 +406,10 @@ class FedSGD(_WithMoments):
             new_v: dict[str, Array] = {}
             step = self._moments.step + 1
             for name, w in global_weights.items():
+                if name in self.non_trainable:
+                    new[name] = grads[name].astype(w.dtype)
+                    new_m[name], new_v[name] = ms[name], vs[name]
+                    continue
                 new[name], new_m[name], new_v[name] = agg.bias_corrected_adam_step(
                     w,
                     grads[name],
@@ -618,10 +635,19 @@ def resolve_params(name: str, params: Mapping[str, ParamValue]) -> dict[str, Par
     return resolved
 
 
-def make_strategy(name: str, params: Mapping[str, ParamValue]) -> Strategy:
-    """Build strategy `name` (one of STRATEGY_NAMES) from its parameters."""
+def make_strategy(
+    name: str, params: Mapping[str, ParamValue], non_trainable: Sequence[str] = ()
+) -> Strategy:
+    """Build strategy `name` (one of STRATEGY_NAMES) from its parameters.
+
+    `non_trainable` names the model's non-trainable variables (the plan's
+    model.non_trainable); only strategies fed gradients (FedSGD) treat them apart.
+    """
     resolved = resolve_params(name, params)
     factory = _SPECS[name][0]
-    strategy = factory(**resolved)
+    extra: dict[str, Sequence[str]] = (
+        {"non_trainable": tuple(non_trainable)} if name == "fedsgd" else {}
+    )
+    strategy = factory(**resolved, **extra)
     logger.debug("strategy %s with %s", name, resolved)
     return strategy
