@@ -57,6 +57,7 @@ from typing import Any
 import grpc
 import numpy as np
 import numpy.typing as npt
+from google.protobuf.duration_pb2 import Duration
 from prometheus_client import CollectorRegistry
 
 from hfl_aggregator.main import AggregatorConfig, RunningAggregator, build_aggregator
@@ -591,13 +592,12 @@ class TestTrainer:
         return response
 
     def get_task(
-        self, wait_seconds: int = 0, *, last_task_id: str = "", session_id: str | None = None
+        self, wait_seconds: int = 0, *, session_id: str | None = None
     ) -> aggregator_pb2.Task:
         response = self.stub.GetTask(
             aggregator_pb2.GetTaskRequest(
                 session_id=self.session_id if session_id is None else session_id,
-                last_task_id=last_task_id,
-                wait_seconds=wait_seconds,
+                max_wait=Duration(seconds=wait_seconds),
             ),
             timeout=wait_seconds + RPC_TIMEOUT_SECONDS,
         )

@@ -128,10 +128,13 @@ def test_killed_aggregator_resumes_from_its_sealed_checkpoint_without_losing_a_r
     try:
         assert second.port != first.port
         status = operator.connect(second.target).status()
-        assert (status.state, status.model_version) == ("waiting_for_trainers", 2)
+        assert (status.state, status.model_version) == (
+            aggregator_pb2.FEDERATION_STATE_WAITING_FOR_TRAINERS,
+            2,
+        )
         assert [(r.round, r.state, r.model_version) for r in status.rounds] == [
-            (1, "completed", 1),
-            (2, "completed", 2),
+            (1, aggregator_pb2.ROUND_STATE_COMPLETED, 1),
+            (2, aggregator_pb2.ROUND_STATE_COMPLETED, 2),
         ]
         # sessions died with the process: the old session is unknown, so re-verify and join
         old_session = trainers.t1.session_id

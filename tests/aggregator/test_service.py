@@ -22,7 +22,7 @@ from hfl_aggregator.main import RunningAggregator
 from hfl_attestation.service import RunningAttestationService
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc
 from hfl_common.codec import specs_of
-from hfl_common.errors import PermissionDeniedError
+from hfl_common.errors import PermissionDeniedError, error_info, error_reason
 from hfl_common.tee import EnclaveIdentity
 from hfl_common.tee.identities import service_identity
 from tests import fedkit
@@ -89,6 +89,10 @@ class Federation:
         assert fragment in details
         if reason is not None:
             assert self.refused(reason) == before_count + 1
+            # clients act on the ErrorInfo reason, never on the message
+            info = error_info(caught[0])
+            assert info is not None, "the refusal carries no google.rpc.ErrorInfo"
+            assert (info.domain, info.reason) == ("hfl", reason.upper())
         after_model = self.model()
         assert after_model[:2] == before_model[:2]
         for name, array in before_model[2].items():
@@ -139,8 +143,18 @@ def test_two_trainers_complete_a_round_with_the_weighted_mean_of_their_deltas(
     d1, d2 = patterned_update(start, 0), patterned_update(start, 4)
 
     first = t1.upload(d1, task1)
-    assert (first.accepted, first.round, first.model_version) == (True, 1, 0)
-    t2.upload(d2, task2)
+    assert (first.disposition, first.round, first.base_model_version, first.model_version) == (
+        aggregator_pb2.UPDATE_DISPOSITION_PENDING,
+        1,
+        0,
+        0,
+    )
+    second = t2.upload(d2, task2)
+    # the last update closes the round: it is part of model version 1
+    assert (second.disposition, second.model_version) == (
+        aggregator_pb2.UPDATE_DISPOSITION_APPLIED,
+        1,
+    )
 
     expected = fedavg(start, [(T1_EXAMPLES, d1), (T2_EXAMPLES, d2)])
     header, model = t1.download()
@@ -483,9 +497,19 @@ def test_round_without_enough_updates_fails_and_is_retried(
     assert (retry.round, retry.task_id, retry.model_version) == (1, "1.2.train", 0)
     status = operator.connect(aggregator.target).status()
     failed, running = status.rounds
-    assert (failed.round, failed.attempt, failed.state, failed.updates) == (1, 1, "failed", 1)
-    assert failed.failure_reason == "deadline passed with 1 of the 2 updates needed"
-    assert (running.round, running.attempt, running.state) == (1, 2, "running")
+    assert (failed.round, failed.attempt, failed.state, failed.updates) == (
+        1,
+        1,
+        aggregator_pb2.ROUND_STATE_FAILED,
+        1,
+    )
+    assert failed.failure == aggregator_pb2.ROUND_FAILURE_DEADLINE
+    assert failed.failure_message == "deadline passed with 1 of the 2 updates needed"
+    assert (running.round, running.attempt, running.state) == (
+        1,
+        2,
+        aggregator_pb2.ROUND_STATE_RUNNING,
+    )
     assert status.model_version == 0
     # the update of the failed attempt does not count: attempt 2 needs both again
     d1, d2 = patterned_update(files, 2), patterned_update(files, 5)
@@ -534,6 +558,29 @@ def test_an_upload_stream_without_a_header_holds_no_slot_and_is_cut_off(
     assert "no update header within 1 s of opening the upload stream" in details
 
 
+def test_a_failed_federation_is_an_error_with_reason_federation_failed(
+    start_aggregator: AggregatorFactory, trainers: Trainers, files: fedkit.FederationFiles
+) -> None:
+    aggregator = start_aggregator(
+        fedkit.PlanSpec(
+            rounds=1,
+            round_timeout_seconds=DEADLINE_SECONDS,
+            max_round_retries=0,
+            evaluate_every=100,
+        )
+    )
+    join_both(aggregator, trainers)
+    task = trainers.t1.wait_for_task(TRAIN)
+    trainers.t1.upload(patterned_update(files, 1), task)
+    fedkit.wait_until(lambda: aggregator.engine.done, "the round to fail", timeout=10)
+    with fedkit.rpc_error() as caught:
+        trainers.t1.get_task()
+    code, details = fedkit.code_and_details(caught)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "federation failed: round 1 failed 1 times" in details
+    assert error_reason(caught[0]) == "FEDERATION_FAILED"
+
+
 # --- status ----------------------------------------------------------------------------------
 
 
@@ -556,8 +603,9 @@ def test_status_shows_plan_trainers_rounds_and_evaluation(
         "small_cnn",
         "fedavg",
     )
+    assert status.mode == aggregator_pb2.AGGREGATION_MODE_SYNC
     assert (status.state, status.round, status.total_rounds, status.model_version) == (
-        "training",
+        aggregator_pb2.FEDERATION_STATE_TRAINING,
         1,
         1,
         0,
@@ -566,31 +614,34 @@ def test_status_shows_plan_trainers_rounds_and_evaluation(
     assert [
         (t.label, t.trainer_id, t.state, t.mrenclave, t.num_examples) for t in status.trainers
     ] == [
-        (t1.label, t1.trainer_id, "active", mrenclave, T1_EXAMPLES),
-        (t2.label, t2.trainer_id, "active", mrenclave, T2_EXAMPLES),
+        (t1.label, t1.trainer_id, aggregator_pb2.TRAINER_STATE_ACTIVE, mrenclave, T1_EXAMPLES),
+        (t2.label, t2.trainer_id, aggregator_pb2.TRAINER_STATE_ACTIVE, mrenclave, T2_EXAMPLES),
     ]
-    assert [(r.round, r.state, r.updates) for r in status.rounds] == [(1, "running", 0)]
+    assert all(t.last_seen.seconds > 0 for t in status.trainers)
+    assert [(r.round, r.state, r.updates) for r in status.rounds] == [
+        (1, aggregator_pb2.ROUND_STATE_RUNNING, 0)
+    ]
 
     t1.upload(patterned_update(files, 1), task1, train_loss=1.0)
     t2.upload(patterned_update(files, 2), task2, train_loss=3.0)
     eval1 = t1.wait_for_task(aggregator_pb2.TASK_KIND_EVALUATE)
     eval2 = t2.wait_for_task(aggregator_pb2.TASK_KIND_EVALUATE)
     assert (eval1.round, eval1.model_version) == (1, 1)
-    assert operator.status().state == "evaluating"
+    assert operator.status().state == aggregator_pb2.FEDERATION_STATE_EVALUATING
     t1.report_eval(eval1, loss=0.5, accuracy=0.75)
     t2.report_eval(eval2, loss=1.5, accuracy=0.25)
 
     assert t1.wait_for_task(aggregator_pb2.TASK_KIND_DONE).message == "done"
     status = operator.status()
-    assert (status.state, status.model_version) == ("done", 1)
+    assert (status.state, status.model_version) == (aggregator_pb2.FEDERATION_STATE_DONE, 1)
     assert [(t.label, t.state, t.updates_accepted) for t in status.trainers] == [
-        (t1.label, "idle", 1),
-        (t2.label, "idle", 1),
+        (t1.label, aggregator_pb2.TRAINER_STATE_IDLE, 1),
+        (t2.label, aggregator_pb2.TRAINER_STATE_IDLE, 1),
     ]
     (summary,) = status.rounds
     assert (summary.round, summary.state, summary.updates, summary.model_version) == (
         1,
-        "completed",
+        aggregator_pb2.ROUND_STATE_COMPLETED,
         2,
         1,
     )

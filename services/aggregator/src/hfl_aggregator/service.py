@@ -22,7 +22,18 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 import numpy as np
 
-from hfl_aggregator.engine import RoundEngine, Task, TaskKind, Ticket, UpdateMeta, party_of
+from hfl_aggregator.engine import (
+    FailureReason,
+    Phase,
+    RoundEngine,
+    RoundState,
+    Task,
+    TaskKind,
+    Ticket,
+    TrainerState,
+    UpdateMeta,
+    party_of,
+)
 from hfl_aggregator.metrics import AggregatorMetrics
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
 from hfl_common.codec import (
@@ -34,6 +45,7 @@ from hfl_common.codec import (
 from hfl_common.config import FederationPlan
 from hfl_common.errors import (
     DeadlineExceededError,
+    FailedPreconditionError,
     HflError,
     InvalidArgumentError,
     NotFoundError,
@@ -59,6 +71,35 @@ _UPDATE_KINDS = {
     aggregator_pb2.UPDATE_KIND_GRADIENT: "gradient",
     aggregator_pb2.UPDATE_KIND_DELTA: "delta",
 }
+_STATES = {
+    Phase.WAITING: aggregator_pb2.FEDERATION_STATE_WAITING_FOR_TRAINERS,
+    Phase.TRAINING: aggregator_pb2.FEDERATION_STATE_TRAINING,
+    Phase.AGGREGATING: aggregator_pb2.FEDERATION_STATE_AGGREGATING,
+    Phase.EVALUATING: aggregator_pb2.FEDERATION_STATE_EVALUATING,
+    Phase.DONE: aggregator_pb2.FEDERATION_STATE_DONE,
+    Phase.FAILED: aggregator_pb2.FEDERATION_STATE_FAILED,
+}
+_TRAINER_STATES = {
+    TrainerState.ACTIVE: aggregator_pb2.TRAINER_STATE_ACTIVE,
+    TrainerState.IDLE: aggregator_pb2.TRAINER_STATE_IDLE,
+    TrainerState.LOST: aggregator_pb2.TRAINER_STATE_LOST,
+    TrainerState.LEFT: aggregator_pb2.TRAINER_STATE_LEFT,
+}
+_ROUND_STATES = {
+    RoundState.RUNNING: aggregator_pb2.ROUND_STATE_RUNNING,
+    RoundState.COMPLETED: aggregator_pb2.ROUND_STATE_COMPLETED,
+    RoundState.FAILED: aggregator_pb2.ROUND_STATE_FAILED,
+}
+_FAILURES = {
+    FailureReason.DEADLINE: aggregator_pb2.ROUND_FAILURE_DEADLINE,
+    FailureReason.TRAINERS_LOST: aggregator_pb2.ROUND_FAILURE_TRAINERS_LOST,
+    FailureReason.AGGREGATION_FAILED: aggregator_pb2.ROUND_FAILURE_AGGREGATION_FAILED,
+    FailureReason.AGGREGATE_REFUSED: aggregator_pb2.ROUND_FAILURE_AGGREGATE_REFUSED,
+}
+_MODES = {
+    "sync": aggregator_pb2.AGGREGATION_MODE_SYNC,
+    "async": aggregator_pb2.AGGREGATION_MODE_ASYNC,
+}
 _ENCODINGS = {
     "raw": tensor_pb2.ENCODING_RAW,
     "float16": tensor_pb2.ENCODING_FLOAT16,
@@ -69,7 +110,15 @@ _ENCODINGS = {
 # Methods and the roles that may call them: the aggregator's authorization table.
 ALLOWED_ROLES: dict[str, frozenset[str]] = {
     f"/{SERVICE_NAME}/{m}": frozenset({"trainer"})
-    for m in ("Join", "GetTask", "DownloadModel", "UploadUpdate", "ReportEvaluation", "Leave")
+    for m in (
+        "Join",
+        "GetTask",
+        "KeepAlive",
+        "DownloadModel",
+        "UploadUpdate",
+        "ReportEvaluation",
+        "Leave",
+    )
 }
 ALLOWED_ROLES[f"/{SERVICE_NAME}/GetStatus"] = frozenset({"operator"})
 
@@ -128,6 +177,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
             session_id=session,
             plan_sha256=self._plan.sha256_hex,
             total_rounds=self._plan.rounds,
+            mode=_MODES[self._plan.mode],
         )
 
     def Leave(  # noqa: N802
@@ -141,9 +191,19 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
     def GetTask(  # noqa: N802
         self, request: aggregator_pb2.GetTaskRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.GetTaskResponse:
-        wait = min(float(request.wait_seconds), MAX_POLL_SECONDS)
+        wait = min(request.max_wait.ToTimedelta().total_seconds(), MAX_POLL_SECONDS)
         task = self._engine.next_task(request.session_id, _caller(), wait, context.is_active)
+        if task.failed:
+            raise FailedPreconditionError(
+                task.message, "federation_failed", {"round": str(task.round)}
+            )
         return aggregator_pb2.GetTaskResponse(task=task_message(task))
+
+    def KeepAlive(  # noqa: N802
+        self, request: aggregator_pb2.KeepAliveRequest, context: grpc.ServicerContext
+    ) -> aggregator_pb2.KeepAliveResponse:
+        current = self._engine.keep_alive(request.session_id, _caller(), request.task_id)
+        return aggregator_pb2.KeepAliveResponse(task_current=current)
 
     # --------------------------------------------------------------- streams
 
@@ -194,10 +254,18 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
             self._engine.refuse(ticket.trainer_id, exc)
             raise
         accepted = self._engine.accept_update(ticket, arrays)
+        if accepted.applied_version:
+            disposition = aggregator_pb2.UPDATE_DISPOSITION_APPLIED
+        elif accepted.journaled:
+            disposition = aggregator_pb2.UPDATE_DISPOSITION_BUFFERED
+        else:
+            disposition = aggregator_pb2.UPDATE_DISPOSITION_PENDING
         return aggregator_pb2.UploadUpdateResponse(
-            accepted=True,
+            disposition=disposition,
             round=accepted.round,
-            model_version=accepted.applied_version or accepted.base_model_version,
+            base_model_version=accepted.base_model_version,
+            model_version=accepted.applied_version,
+            staleness=accepted.staleness,
         )
 
     def _first_part(
@@ -284,45 +352,48 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         self, request: aggregator_pb2.GetStatusRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.GetStatusResponse:
         snap = self._engine.snapshot()
-        return aggregator_pb2.GetStatusResponse(
+        response = aggregator_pb2.GetStatusResponse(
             federation_id=self._federation_id,
             plan_sha256=self._plan.sha256_hex,
-            state=snap.phase.value,
+            state=_STATES[snap.phase],
             round=snap.round,
             total_rounds=snap.total_rounds,
             model_version=snap.model_version,
             strategy=self._plan.strategy.name,
             model=self._plan.model.name,
-            trainers=[
-                aggregator_pb2.TrainerStatus(
-                    trainer_id=t.trainer_id,
-                    label=t.label,
-                    mrenclave=t.mrenclave,
-                    state=t.state.value,
-                    last_seen_unix_ms=int(t.last_seen * 1000),
-                    updates_accepted=t.updates_accepted,
-                    updates_refused=t.updates_refused,
-                    num_examples=t.num_examples,
-                )
-                for t in snap.trainers
-            ],
-            rounds=[
-                aggregator_pb2.RoundSummary(
-                    round=r.round,
-                    state=r.state.value,
-                    updates=r.updates,
-                    model_version=r.model_version,
-                    train_loss=r.train_loss,
-                    eval_loss=r.eval_loss,
-                    eval_accuracy=r.eval_accuracy,
-                    eval_examples=r.eval_examples,
-                    duration_seconds=r.duration_seconds,
-                    attempt=r.attempt,
-                    failure_reason=r.failure_message,
-                )
-                for r in snap.rounds
-            ],
+            mode=_MODES[snap.mode],
+            buffer_size=snap.buffer_size,
+            failure=snap.failure,
         )
+        for t in snap.trainers:
+            trainer = response.trainers.add(
+                trainer_id=t.trainer_id,
+                label=t.label,
+                party=t.party,
+                mrenclave=t.mrenclave,
+                state=_TRAINER_STATES[t.state],
+                updates_accepted=t.updates_accepted,
+                updates_refused=t.updates_refused,
+                num_examples=t.num_examples,
+            )
+            trainer.last_seen.FromNanoseconds(int(t.last_seen * 1e9))
+        for r in snap.rounds:
+            summary = response.rounds.add(
+                round=r.round,
+                attempt=r.attempt,
+                state=_ROUND_STATES[r.state],
+                updates=r.updates,
+                model_version=r.model_version,
+                train_loss=r.train_loss,
+                eval_loss=r.eval_loss,
+                eval_accuracy=r.eval_accuracy,
+                eval_examples=r.eval_examples,
+                failure=_FAILURES[r.failure] if r.failure is not None else 0,
+                failure_message=r.failure_message,
+                staleness=r.staleness,
+            )
+            summary.duration.FromNanoseconds(int(r.duration_seconds * 1e9))
+        return response
 
 
 def _caller() -> str:
@@ -342,21 +413,27 @@ def task_message(task: Task) -> aggregator_pb2.Task:
         model_version=task.model_version,
         message=task.message,
     )
-    if task.deadline:
-        msg.deadline_unix_ms = int(task.deadline * 1000)
+    if task.heartbeat_seconds:
+        msg.keep_alive_interval.FromNanoseconds(int(task.heartbeat_seconds * 1e9))
     p = task.train
     if p is not None:
-        msg.update_kind = (
-            aggregator_pb2.UPDATE_KIND_GRADIENT
-            if p.update_kind == "gradient"
-            else aggregator_pb2.UPDATE_KIND_DELTA
+        msg.train.CopyFrom(
+            aggregator_pb2.TrainParams(
+                update_kind=(
+                    aggregator_pb2.UPDATE_KIND_GRADIENT
+                    if p.update_kind == "gradient"
+                    else aggregator_pb2.UPDATE_KIND_DELTA
+                ),
+                local_epochs=p.local_epochs,
+                proximal_mu=p.proximal_mu,
+                update_encoding=encoding_code(p.encoding),  # type: ignore[arg-type]
+                privacy=aggregator_pb2.PrivacyConfig(
+                    clip_norm=p.clip_norm, noise_multiplier=p.noise_multiplier
+                ),
+                seed=p.seed,
+                max_staleness=p.max_staleness,
+            )
         )
-        msg.local_epochs = p.local_epochs
-        msg.batch_size = p.batch_size
-        msg.learning_rate = p.learning_rate
-        msg.proximal_mu = p.proximal_mu
-        msg.update_encoding = encoding_code(p.encoding)  # type: ignore[assignment]
-        msg.privacy.clip_norm = p.clip_norm
-        msg.privacy.noise_multiplier = p.noise_multiplier
-        msg.seed = p.seed
+    elif task.kind is TaskKind.EVALUATE:
+        msg.evaluate.SetInParent()
     return msg

@@ -113,7 +113,9 @@ class TrainerStatusServicer(aggregator_pb2_grpc.TrainerServiceServicer):
             return aggregator_pb2.TrainerServiceGetStatusResponse(
                 trainer_id=s.trainer_id,
                 label=self._label,
-                state=s.state,
+                state=aggregator_pb2.TrainerPhase.Value(  # type: ignore[arg-type]
+                    f"TRAINER_PHASE_{s.state.upper()}"
+                ),
                 round=s.round,
                 model_version=s.model_version,
                 last_train_loss=s.last_train_loss,

@@ -80,6 +80,8 @@ class Accepted:
     # The model version the update is now part of; 0 while it waits in a round/buffer.
     applied_version: int = 0
     staleness: int = 0
+    # Asynchronous mode: written to the sealed buffer journal (survives a restart).
+    journaled: bool = False
 
 
 class RoundEngine:
