@@ -2,7 +2,9 @@
 
 Both are TOML files that the parties agree on. Each is parsed once, in main(),
 and passed down. An invalid file gives one ConfigError naming the file and the
-key ("plan.toml: [strategy] trim_fraction must be in [0, 0.5), got 0.7").
+key ("plan.toml: [strategy] strategy 'trimmed_mean' parameter 'beta' must be
+in [0, 0.5), got 0.7"). Strategy parameters are resolved (defaults filled in,
+by hfl_common.strategy_registry) before the plan is hashed.
 
 The canonical form of the plan (sorted-key JSON of the parsed values, see
 `FederationPlan.canonical_json`) is what gets hashed into the aggregator's
@@ -23,22 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from hfl_common.errors import ConfigError
+from hfl_common.strategy_registry import STRATEGY_NAMES, check_mode, resolve_params
 
 ROLES = ("attestation", "aggregator", "trainer")
 
-STRATEGIES = (
-    "fedsgd",
-    "fedavg",
-    "fedavgm",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedprox",
-    "median",
-    "trimmed_mean",
-    "krum",
-    "multikrum",
-)
+# The strategy names, parameters and defaults: hfl_common.strategy_registry.
+STRATEGIES = STRATEGY_NAMES
 MODELS = ("small_cnn", "resnet20", "resnet56", "resnet50")
 DATASETS = ("digits", "cifar10", "synthetic")
 ENCODINGS = ("raw", "float16", "bfloat16", "int8")
@@ -332,8 +324,8 @@ class TrainingPlan:
 @dataclass(frozen=True)
 class StrategyPlan:
     name: str
-    # Checked by the aggregator's strategy factory, which knows each strategy's
-    # parameters (server_lr, momentum, beta1, beta2, tau, proximal_mu, beta, f, m, ...).
+    # Every parameter of the strategy, checked and with defaults filled in by
+    # hfl_common.strategy_registry when the plan is parsed: the plan hash covers them.
     params: Mapping[str, float | int | str]
 
 
@@ -499,6 +491,11 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
         params[key] = value
         s.used.add(key)
     s.finish()
+    try:
+        params = resolve_params(strategy_name, params)
+        check_mode(strategy_name, mode)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: [strategy] {exc}") from None
 
     u = top.table("update")
     update = UpdatePlan(

@@ -10,7 +10,6 @@ weights and never modifies the arrays it is given; its optimizer state
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -19,12 +18,12 @@ import numpy as np
 
 from hfl_aggregator.accumulate import Array, UpdateSource, Weights
 from hfl_aggregator.strategies import aggregate as agg
-from hfl_common.errors import ConfigError, InvalidArgumentError
+from hfl_common.errors import InvalidArgumentError
+from hfl_common.strategy_registry import STRATEGY_NAMES, ParamValue, resolve_params
 
 logger = logging.getLogger(__name__)
 
 UpdateKind = Literal["gradient", "delta"]
-ParamValue = float | int | str
 
 
 @dataclass(frozen=True)
@@ -506,133 +505,25 @@ class Krum(MultiKrum):
 # ---------------------------------------------------------------------- factory
 
 
-@dataclass(frozen=True)
-class _Param:
-    kind: type[float] | type[int] | type[str]
-    default: ParamValue
-    rule: str
-    ok: Callable[[ParamValue], bool]
-
-
-def _positive(default: float) -> _Param:
-    return _Param(float, default, "must be > 0", lambda v: float(v) > 0.0)
-
-
-def _unit(default: float) -> _Param:
-    return _Param(float, default, "must be in [0, 1)", lambda v: 0.0 <= float(v) < 1.0)
-
-
-_SERVER_LR_1 = _positive(1.0)
-_SPECS: dict[str, tuple[Callable[..., Strategy], dict[str, _Param]]] = {
-    "fedsgd": (
-        FedSGD,
-        {
-            "optimizer": _Param(
-                str, "sgd", "must be 'sgd' or 'adam'", lambda v: v in ("sgd", "adam")
-            ),
-            "server_lr": _positive(0.01),
-            "momentum": _unit(0.0),
-            "beta1": _unit(0.9),
-            "beta2": _unit(0.999),
-            "epsilon": _positive(1e-7),
-        },
-    ),
-    "fedavg": (FedAvg, {"server_lr": _SERVER_LR_1}),
-    "fedprox": (
-        FedProx,
-        {
-            "proximal_mu": _Param(float, 0.01, "must be >= 0", lambda v: float(v) >= 0.0),
-            "server_lr": _SERVER_LR_1,
-        },
-    ),
-    "fedavgm": (FedAvgM, {"server_lr": _SERVER_LR_1, "momentum": _unit(0.9)}),
-    "fedadam": (
-        FedAdam,
-        {
-            "server_lr": _positive(0.01),
-            "beta1": _unit(0.9),
-            "beta2": _unit(0.99),
-            "tau": _positive(1e-3),
-        },
-    ),
-    "fedyogi": (
-        FedYogi,
-        {
-            "server_lr": _positive(0.01),
-            "beta1": _unit(0.9),
-            "beta2": _unit(0.99),
-            "tau": _positive(1e-3),
-        },
-    ),
-    "fedadagrad": (
-        FedAdagrad,
-        {"server_lr": _positive(0.01), "beta1": _unit(0.9), "tau": _positive(1e-3)},
-    ),
-    "median": (Median, {"server_lr": _SERVER_LR_1}),
-    "trimmed_mean": (
-        TrimmedMean,
-        {
-            "beta": _Param(float, 0.1, "must be in [0, 0.5)", lambda v: 0.0 <= float(v) < 0.5),
-            "server_lr": _SERVER_LR_1,
-        },
-    ),
-    "krum": (
-        Krum,
-        {"f": _Param(int, 1, "must be >= 0", lambda v: int(v) >= 0), "server_lr": _SERVER_LR_1},
-    ),
-    "multikrum": (
-        MultiKrum,
-        {
-            "f": _Param(int, 1, "must be >= 0", lambda v: int(v) >= 0),
-            "m": _Param(int, 0, "must be >= 0 (0 = n - f)", lambda v: int(v) >= 0),
-            "server_lr": _SERVER_LR_1,
-        },
-    ),
+# Names, parameters, defaults and modes live in hfl_common.strategy_registry (the plan
+# resolves them too); this maps each name to the class that runs it.
+_CLASSES: dict[str, Callable[..., Strategy]] = {
+    "fedsgd": FedSGD,
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedavgm": FedAvgM,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "median": Median,
+    "trimmed_mean": TrimmedMean,
+    "krum": Krum,
+    "multikrum": MultiKrum,
 }
-
-STRATEGY_NAMES: tuple[str, ...] = tuple(_SPECS)
-
-
-def _coerce(strategy: str, key: str, spec: _Param, value: object) -> ParamValue:
-    where = f"strategy {strategy!r} parameter {key!r}"
-    if spec.kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(f"{where} must be finite, got {value!r}")
-    if spec.kind is int:
-        if isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return int(value)
-    return float(value)
-
-
-def resolve_params(name: str, params: Mapping[str, ParamValue]) -> dict[str, ParamValue]:
-    """Every parameter of strategy `name`, checked, with defaults filled in.
-
-    The result is what the strategy will run with (for the federation plan and
-    its hash). Raises ConfigError naming the strategy and parameter at fault.
-    """
-    entry = _SPECS.get(name)
-    if entry is None:
-        raise ConfigError(f"unknown strategy {name!r}; known: {', '.join(STRATEGY_NAMES)}")
-    specs = entry[1]
-    unknown = sorted(set(params) - set(specs))
-    if unknown:
-        raise ConfigError(
-            f"strategy {name!r} has no parameter {unknown[0]!r}; its parameters are "
-            f"{', '.join(sorted(specs))}"
-        )
-    resolved: dict[str, ParamValue] = {}
-    for key, spec in specs.items():
-        value = _coerce(name, key, spec, params[key]) if key in params else spec.default
-        if not spec.ok(value):
-            raise ConfigError(f"strategy {name!r} parameter {key!r} {spec.rule}, got {value!r}")
-        resolved[key] = value
-    return resolved
+if set(_CLASSES) != set(STRATEGY_NAMES):  # pragma: no cover (a programming error)
+    raise ImportError(
+        f"strategy classes {sorted(_CLASSES)} do not match the registry {sorted(STRATEGY_NAMES)}"
+    )
 
 
 def make_strategy(
@@ -644,7 +535,7 @@ def make_strategy(
     model.non_trainable); only strategies fed gradients (FedSGD) treat them apart.
     """
     resolved = resolve_params(name, params)
-    factory = _SPECS[name][0]
+    factory = _CLASSES[name]
     extra: dict[str, Sequence[str]] = (
         {"non_trainable": tuple(non_trainable)} if name == "fedsgd" else {}
     )
