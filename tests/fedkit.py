@@ -132,6 +132,11 @@ class PlanSpec:
     max_norm: float = 0.0
     name: str = "fedkit"
     liveness_seconds: float = 60.0
+    # federation.mode and, for "async", the [async] table
+    mode: str = "sync"
+    buffer_size: int = 1
+    staleness: str = "constant"
+    max_staleness: int = 10
 
     def toml(self, weights_file: str, weights_sha256: str) -> str:
         strategy = "\n".join(f"{k} = {v!r}" for k, v in self.strategy_params)
@@ -147,8 +152,15 @@ class PlanSpec:
             f"round_timeout_seconds = {float(self.round_timeout_seconds)!r}\n"
             f"max_round_retries = {self.max_round_retries}\n"
             f"seed = {self.seed}\n"
-            f"liveness_seconds = {float(self.liveness_seconds)!r}\n\n"
-            "[model]\n"
+            f"liveness_seconds = {float(self.liveness_seconds)!r}\n"
+            f'mode = "{self.mode}"\n\n'
+            + (
+                f"[async]\nbuffer_size = {self.buffer_size}\n"
+                f'staleness = "{self.staleness}"\nmax_staleness = {self.max_staleness}\n\n'
+                if self.mode == "async"
+                else ""
+            )
+            + "[model]\n"
             'name = "small_cnn"\n'
             "input_shape = [8, 8, 1]\n"
             "num_classes = 10\n"

@@ -664,3 +664,47 @@ def test_status_names_the_plan_the_aggregator_attested(
     assert federation.aggregator.plan.sha256_hex in str(err.value)
     status = operator.connect(federation.aggregator.target).status()
     assert status.plan_sha256 == federation.aggregator.plan.sha256_hex
+
+
+# --- asynchronous mode -----------------------------------------------------------------------
+
+
+def test_async_server_applies_each_update_as_it_arrives_and_refuses_too_stale_ones(
+    start_aggregator: AggregatorFactory,
+    trainers: Trainers,
+    files: fedkit.FederationFiles,
+    operator: fedkit.OperatorClient,
+) -> None:
+    aggregator = start_aggregator(
+        fedkit.PlanSpec(rounds=10, mode="async", buffer_size=1, max_staleness=1, evaluate_every=100)
+    )
+    join_both(aggregator, trainers)
+    t1, t2 = trainers.t1, trainers.t2
+    old = t2.wait_for_task(TRAIN)  # trainer-b works on version 0 ...
+    assert old.train.max_staleness == 1
+    d = patterned_update(files, 1)
+    first = t1.upload(d, t1.wait_for_task(TRAIN))
+    assert (first.disposition, first.model_version, first.staleness) == (
+        aggregator_pb2.UPDATE_DISPOSITION_APPLIED,
+        1,
+        0,
+    )
+    # ... while trainer-a goes on without waiting for it
+    task = t1.wait_for_task(TRAIN)
+    assert task.model_version == 1
+    t1.upload(d, task)
+    with fedkit.rpc_error() as caught:
+        t2.upload(d, old)
+    code, details = fedkit.code_and_details(caught)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is 2 versions stale; the plan allows 1" in details
+    info = error_info(caught[0])
+    assert info is not None
+    assert (info.reason, info.metadata["staleness"]) == ("TOO_STALE", "2")
+    status = operator.connect(aggregator.target).status()
+    assert (status.mode, status.buffer_size, status.model_version) == (
+        aggregator_pb2.AGGREGATION_MODE_ASYNC,
+        1,
+        2,
+    )
+    assert fedkit.metric_value(aggregator.registry, "hfl_aggregator_staleness_count") == 2.0

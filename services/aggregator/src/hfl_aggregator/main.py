@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from hfl_aggregator.checkpoint import CheckpointStore
 from hfl_aggregator.collect import RoundCollector
 from hfl_aggregator.engine import RoundEngine
+from hfl_aggregator.engine.journal import UpdateJournal
 from hfl_aggregator.metrics import AggregatorMetrics
 from hfl_aggregator.service import ALLOWED_ROLES, SERVICE_NAME, AggregatorServicer
 from hfl_aggregator.strategies import make_strategy
@@ -191,6 +192,7 @@ def build_aggregator(config: AggregatorConfig, registry: CollectorRegistry) -> R
             metrics,
             checkpoints=CheckpointStore(config.state_dir, enclave.sealing),
             collector_factory=lambda s, w: RoundCollector.for_strategy(s, w, spill),
+            journal=UpdateJournal(config.state_dir / "journal", enclave.sealing),
         )
         peers = enclave.peer_verifier()
 

@@ -48,7 +48,6 @@ from hfl_common.errors import (
     FailedPreconditionError,
     HflError,
     InvalidArgumentError,
-    NotFoundError,
     ResourceExhaustedError,
     StreamError,
     UnauthenticatedError,
@@ -211,12 +210,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         self, request: aggregator_pb2.DownloadModelRequest, context: grpc.ServicerContext
     ) -> Iterator[aggregator_pb2.DownloadModelResponse]:
         self._engine.trainer_of(request.session_id, _caller())
-        completed, version, weights = self._engine.model()
-        if request.model_version not in (0, version):
-            raise NotFoundError(
-                f"model version {request.model_version} is not available; the current "
-                f"global model is version {version}"
-            )
+        completed, version, weights = self._engine.model_at(request.model_version)
         stream = encode_tensors(weights, tensor_pb2.ENCODING_RAW, chunk_bytes=self._chunk_bytes)
         yield from iter_download_messages(completed, version, self._plan.sha256_hex, stream)
         self._metrics.update_bytes.labels(direction="out").inc(stream.header.total_bytes)

@@ -40,7 +40,7 @@ from hfl_common.errors import (
 )
 from hfl_trainer.metrics import TrainerMetrics
 from hfl_trainer.privacy import add_gaussian_noise, clip_update
-from hfl_trainer.progress import ProgressReporter
+from hfl_trainer.progress import BatchProgress, ProgressReporter
 from hfl_trainer.training import LocalTrainer
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ class FederationClient:
         state: TrainerState | None = None,
         on_round: Callable[[int], None] | None = None,
         metrics: TrainerMetrics | None = None,
+        step_delay: float = 0.0,
     ) -> None:
         self._plan = plan
         self._trainer = trainer
@@ -112,6 +113,10 @@ class FederationClient:
         self._stub: aggregator_pb2_grpc.AggregatorServiceStub | None = None
         self._session = ""
         self._stop = threading.Event()
+        # Asynchronous federations: train on whatever model is current (JoinResponse.mode).
+        self._async = False
+        # Seconds slept after every local batch: an injected slow machine (benchmarks).
+        self._step_delay = step_delay
 
     def stop(self) -> None:
         """Ask run() to return at its next step (a call in flight is not interrupted)."""
@@ -279,6 +284,7 @@ class FederationClient:
             ),
         )
         self._session = response.session_id
+        self._async = response.mode == aggregator_pb2.AGGREGATION_MODE_ASYNC
         self._set(trainer_id=response.trainer_id, state="waiting")
         log.info(
             "joined as %s (%s); %d rounds planned",
@@ -323,7 +329,9 @@ class FederationClient:
     def _train(self, task: aggregator_pb2.Task) -> None:
         params = task.train
         self._set(state="training", round=task.round)
-        version, weights = self._download(task.model_version)
+        # Asynchronous mode has no barrier: train on the newest model there is (its
+        # version goes into the update header, and the aggregator weighs its staleness).
+        version, weights = self._download(0 if self._async else task.model_version)
         self._set(model_version=version)
         if params.update_kind == aggregator_pb2.UPDATE_KIND_GRADIENT:
             g = self._trainer.compute_gradient(weights, int(params.seed))
@@ -338,7 +346,7 @@ class FederationClient:
                 weights,
                 epochs=max(1, params.local_epochs),
                 proximal_mu=params.proximal_mu,
-                on_batch=self._progress.on_batch if self._progress else None,
+                on_batch=self._on_batch,
             )
             update = result.delta
             num_examples, loss, accuracy = result.num_examples, result.loss, result.accuracy
@@ -356,6 +364,12 @@ class FederationClient:
                 self._metrics.train_loss.set(loss)
         if self._on_round is not None:
             self._on_round(task.round)
+
+    def _on_batch(self, progress: BatchProgress) -> None:
+        if self._progress is not None:
+            self._progress.on_batch(progress)
+        if self._step_delay > 0:
+            time.sleep(self._step_delay)
 
     @staticmethod
     def _privatize(

@@ -63,6 +63,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--give-up-after", type=float, default=300.0, help="seconds without the aggregator"
     )
+    p.add_argument(
+        "--step-delay",
+        type=float,
+        default=0.0,
+        help="seconds to sleep after every local batch: simulates a slow machine (benchmarks)",
+    )
     return p
 
 
@@ -192,6 +198,7 @@ def _main(argv: Sequence[str] | None) -> int:
         state=state,
         metrics=metrics,
         backoff=Backoff(give_up_after=ns.give_up_after),
+        step_delay=ns.step_delay,
     )
     server.add_shutdown_hook(stop_metrics)
     server.add_shutdown_hook(pinned.close)

@@ -132,6 +132,50 @@ def check_sync_header(
         )
 
 
+def check_async_header(
+    meta: UpdateMeta,
+    trainer_id: str,
+    *,
+    outstanding: tuple[str, int] | None,
+    last_accepted: str | None,
+    nonces: Mapping[bytes, int],
+    version: int,
+    max_staleness: int,
+) -> int:
+    """An asynchronous update: for the trainer's current task, not too stale; its staleness."""
+    if meta.nonce in nonces:
+        raise FailedPreconditionError("replayed update: its nonce was already used", "replayed")
+    if last_accepted is not None and meta.task_id == last_accepted:
+        raise AlreadyExistsError(
+            f"duplicate update: trainer {trainer_id} already sent its update for task "
+            f"{meta.task_id!r}",
+            "duplicate",
+        )
+    if outstanding is None or meta.task_id != outstanding[0]:
+        current = outstanding[0] if outstanding is not None else "none"
+        raise FailedPreconditionError(
+            f"update names task {meta.task_id!r}, which is not trainer {trainer_id}'s current "
+            f"task ({current}); ask for a new task",
+            "wrong_task",
+        )
+    base = meta.base_model_version
+    if base < outstanding[1] or base > version:
+        raise FailedPreconditionError(
+            f"update was computed from model version {base}, which its task (version "
+            f"{outstanding[1]}) and the current model (version {version}) rule out",
+            "stale",
+        )
+    tau = version - base
+    if tau > max_staleness:
+        raise FailedPreconditionError(
+            f"update computed from model version {base} is {tau} versions stale; the plan "
+            f"allows {max_staleness} (async.max_staleness): train on the current model",
+            "too_stale",
+            {"staleness": str(tau), "model_version": str(version)},
+        )
+    return tau
+
+
 def check_values(arrays: Mapping[str, np.ndarray], max_norm: float, clip: bool) -> Weights:
     """NaN/Inf and L2-norm checks on a decoded update; returns it (clipped if the plan says)."""
     norm = finite_norm(arrays, "update")

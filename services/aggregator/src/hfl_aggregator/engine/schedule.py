@@ -1,9 +1,16 @@
-"""When updates are aggregated: synchronous rounds (and their sampling and seeds).
+"""When updates are aggregated: synchronous rounds or an asynchronous buffer.
 
 A synchronous round samples parties, gives each sampled trainer one TRAIN task,
 collects at most one update per sampled trainer, and closes when every
 sampled trainer answered, when the live ones all did (the others were lost),
 or at the deadline with at least `min_updates`.
+
+Asynchronous mode has no rounds: every live trainer always has a TRAIN task on
+the current model; accepted updates go into a buffer of `buffer_size`, each
+scaled by its staleness weight s(tau) (`staleness_weight`), and a full buffer is
+applied as one new model version: w + server_lr * sum(n_i s_i d_i) / sum(n_i)
+for the FedAvg family (FedBuff, Nguyen et al. 2022; with buffer_size 1 the
+asynchronous parameter server, FedAsync-style staleness scaling).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from dataclasses import dataclass, field
 
 from hfl_aggregator.collect import RoundCollector
 from hfl_aggregator.engine.admission import SyncRoundView, UpdateMeta
+from hfl_common.config import AsyncPlan
 
 
 def derive_seed(plan_seed: int, *parts: object) -> int:
@@ -75,3 +83,61 @@ class SyncRound:
             received=frozenset(self.received),
             nonces=frozenset(self.nonces),
         )
+
+
+def staleness_weight(tau: int, plan: AsyncPlan) -> float:
+    """s(tau): constant 1; polynomial (1 + tau)^-a; hinge 1 up to b, then 1/(a(tau - b) + 1)."""
+    if plan.staleness == "constant":
+        return 1.0
+    if plan.staleness == "polynomial":
+        return float((1.0 + tau) ** -plan.exponent)
+    if tau <= plan.hinge_b:
+        return 1.0
+    return 1.0 / (plan.hinge_a * (tau - plan.hinge_b) + 1.0)
+
+
+@dataclass(frozen=True)
+class AsyncTask:
+    task_id: str
+    base_version: int
+    seed: int
+
+
+@dataclass
+class AsyncBuffer:
+    """Updates waiting to become the next model version, in fold (= journal) order."""
+
+    collector: RoundCollector
+    started: float
+    first_seq: int
+    trainers: list[str] = field(default_factory=list)
+    staleness: list[int] = field(default_factory=list)
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    last_seq: int = -1
+    # Set once applied: the version it became (0: its application failed).
+    applied_version: int = 0
+    done: bool = False
+
+    @property
+    def count(self) -> int:
+        return len(self.trainers)
+
+
+@dataclass
+class AsyncEval:
+    """Federated evaluation of one model version, run beside training."""
+
+    version: int
+    weights: dict[str, object]
+    selected: list[str]
+    deadline: float
+    final: bool
+    evals: dict[str, tuple[int, float, float]] = field(default_factory=dict)
+    lost: set[str] = field(default_factory=set)
+
+    @property
+    def task_id(self) -> str:
+        return f"v{self.version}.evaluate"
+
+    def waiting_for(self) -> list[str]:
+        return [t for t in self.selected if t not in self.evals and t not in self.lost]
