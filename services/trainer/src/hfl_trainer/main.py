@@ -38,6 +38,7 @@ from hfl_common.runtime import (
     write_port_file,
 )
 from hfl_common.server import ServerConfig, ServiceRegistration, build_server
+from hfl_common.tee.verify import Verdict
 from hfl_trainer import data as data_lib
 from hfl_trainer.client import Backoff, FederationClient, TrainerState
 from hfl_trainer.metrics import TrainerMetrics
@@ -108,6 +109,11 @@ class TrainerStatusServicer(aggregator_pb2_grpc.TrainerServiceServicer):
         self._label = label
         self._examples = examples
         self.aggregator_mrenclave = ""
+
+    def record_aggregator(self, verdict: Verdict) -> None:
+        """Remember the MRENCLAVE of the aggregator the trainer last verified."""
+        if verdict.measurements is not None:
+            self.aggregator_mrenclave = verdict.measurements.mrenclave.hex()
 
     def GetStatus(  # noqa: N802 (gRPC method name)
         self,
@@ -186,6 +192,7 @@ def _main(argv: Sequence[str] | None) -> int:
             enclave.verifier,
             "aggregator",
             expected_user_data=plan.sha256,
+            on_verified=status.record_aggregator,
         )
 
     client = FederationClient(
