@@ -85,6 +85,8 @@ def run_config(
         round_timeout=600.0,
         mode=config.mode,
         buffer_size=config.buffer_size,
+        # the slow trainer's updates come many versions late with a buffer of 1
+        max_staleness=30,
         evaluate_every=config.evaluate_every,
     )
     prepared = prepare(workdir, plan)
