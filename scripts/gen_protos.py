@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import grpc_tools
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +35,8 @@ def generate(out: Path) -> None:
     args = [
         "protoc",
         f"-I{PROTO_ROOT}",
+        # the well-known types (google/protobuf/timestamp.proto ...) bundled with grpcio-tools
+        f"-I{Path(grpc_tools.__file__).parent / '_proto'}",
         f"--python_out={out}",
         f"--pyi_out={out}",
         f"--grpc_python_out={out}",

@@ -57,6 +57,7 @@ from typing import Any
 import grpc
 import numpy as np
 import numpy.typing as npt
+from google.protobuf.duration_pb2 import Duration
 from prometheus_client import CollectorRegistry
 
 from hfl_aggregator.main import AggregatorConfig, RunningAggregator, build_aggregator
@@ -130,6 +131,12 @@ class PlanSpec:
     strategy_params: tuple[tuple[str, float], ...] = ()
     max_norm: float = 0.0
     name: str = "fedkit"
+    liveness_seconds: float = 60.0
+    # federation.mode and, for "async", the [async] table
+    mode: str = "sync"
+    buffer_size: int = 1
+    staleness: str = "constant"
+    max_staleness: int = 10
 
     def toml(self, weights_file: str, weights_sha256: str) -> str:
         strategy = "\n".join(f"{k} = {v!r}" for k, v in self.strategy_params)
@@ -144,8 +151,16 @@ class PlanSpec:
             f"fraction = {self.fraction!r}\n"
             f"round_timeout_seconds = {float(self.round_timeout_seconds)!r}\n"
             f"max_round_retries = {self.max_round_retries}\n"
-            f"seed = {self.seed}\n\n"
-            "[model]\n"
+            f"seed = {self.seed}\n"
+            f"liveness_seconds = {float(self.liveness_seconds)!r}\n"
+            f'mode = "{self.mode}"\n\n'
+            + (
+                f"[async]\nbuffer_size = {self.buffer_size}\n"
+                f'staleness = "{self.staleness}"\nmax_staleness = {self.max_staleness}\n\n'
+                if self.mode == "async"
+                else ""
+            )
+            + "[model]\n"
             'name = "small_cnn"\n'
             "input_shape = [8, 8, 1]\n"
             "num_classes = 10\n"
@@ -276,6 +291,7 @@ def start_aggregator(
     tick_seconds: float = 0.1,
     upload_slots: int = 1,
     serve_metrics: bool = False,
+    header_timeout_seconds: float = 10.0,
 ) -> RunningAggregator:
     """The aggregator in-process on 127.0.0.1 port 0; call .stop(0) when done.
 
@@ -290,6 +306,7 @@ def start_aggregator(
         listen="127.0.0.1:0",
         metrics_listen="127.0.0.1:0" if serve_metrics else None,
         upload_slots=upload_slots,
+        header_timeout_seconds=header_timeout_seconds,
         tick_seconds=tick_seconds,
         grace_seconds=0.5,
     )
@@ -587,13 +604,12 @@ class TestTrainer:
         return response
 
     def get_task(
-        self, wait_seconds: int = 0, *, last_task_id: str = "", session_id: str | None = None
+        self, wait_seconds: int = 0, *, session_id: str | None = None
     ) -> aggregator_pb2.Task:
         response = self.stub.GetTask(
             aggregator_pb2.GetTaskRequest(
                 session_id=self.session_id if session_id is None else session_id,
-                last_task_id=last_task_id,
-                wait_seconds=wait_seconds,
+                max_wait=Duration(seconds=wait_seconds),
             ),
             timeout=wait_seconds + RPC_TIMEOUT_SECONDS,
         )

@@ -78,12 +78,20 @@ def start_aggregator(
     started: list[RunningAggregator] = []
 
     def start(
-        spec: fedkit.PlanSpec | None = None, *, state_dir: Path | None = None
+        spec: fedkit.PlanSpec | None = None,
+        *,
+        state_dir: Path | None = None,
+        header_timeout_seconds: float = 10.0,
     ) -> RunningAggregator:
         plan = files.write_plan(spec)
         state = state_dir or tmp_path / f"aggregator-{len(started)}"
         aggregator = fedkit.start_aggregator(
-            files, plan, state, attestation.target, registry=CollectorRegistry()
+            files,
+            plan,
+            state,
+            attestation.target,
+            registry=CollectorRegistry(),
+            header_timeout_seconds=header_timeout_seconds,
         )
         started.append(aggregator)
         return aggregator

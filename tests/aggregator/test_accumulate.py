@@ -80,73 +80,18 @@ def test_accumulator_accepts_a_layout_list() -> None:
 @given(
     shape=st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple),
     weights=st.lists(st.floats(0.01, 1e4), min_size=1, max_size=6),
-    chunk=st.integers(1, 9),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_any_chunking_of_any_update_averages_like_numpy(
-    shape: tuple[int, ...], weights: list[float], chunk: int, seed: int
+def test_any_update_shape_and_weights_average_like_numpy(
+    shape: tuple[int, ...], weights: list[float], seed: int
 ) -> None:
     rng = np.random.default_rng(seed)
     updates = [rng.standard_normal(shape) for _ in weights]
     acc = MeanAccumulator({"t": np.zeros(shape)}, sum_dtype=np.float64)
     for update, weight in zip(updates, weights, strict=True):
-        flat = update.reshape(-1)
-        for start in range(0, flat.size, chunk):
-            acc.add_chunk("t", start, flat[start : start + chunk], weight)
-        if flat.size == 0:
-            acc.add_chunk("t", 0, flat, weight)
-        acc.commit_update()
+        acc.add({"t": update}, weight)
     expected = np.average(np.stack(updates), axis=0, weights=weights)
     np.testing.assert_allclose(acc.mean()["t"], expected, rtol=1e-9, atol=1e-12)
-
-
-def test_chunked_fold_equals_whole_fold() -> None:
-    rng = np.random.default_rng(2)
-    a, b = random_model(rng), random_model(rng)
-    whole = MeanAccumulator(a)
-    whole.add(a, 2)
-    whole.add(b, 3)
-    chunked = MeanAccumulator(a)
-    chunked.add(a, 2)
-    for name, array in b.items():
-        flat = array.reshape(-1)
-        for start in range(0, flat.size, 7):
-            chunked.add_chunk(name, start, flat[start : start + 7], 3)
-    chunked.commit_update()
-    assert chunked.count == 2
-    for name in a:
-        np.testing.assert_array_equal(chunked.mean()[name], whole.mean()[name])
-
-
-def test_uncommitted_chunks_make_the_mean_unusable() -> None:
-    acc = MeanAccumulator({"w": np.zeros(4, np.float32)})
-    acc.add_chunk("w", 0, np.ones(2, np.float32), 1)
-    with pytest.raises(FailedPreconditionError, match="folded in part and was never committed"):
-        acc.mean()
-
-
-def test_commit_refuses_an_incomplete_chunked_update() -> None:
-    acc = MeanAccumulator({"w": np.zeros(4, np.float32)})
-    acc.add_chunk("w", 0, np.ones(3, np.float32), 1)
-    with pytest.raises(
-        InvalidArgumentError, match="the update folded by chunks has 3 elements, the model has 4"
-    ):
-        acc.commit_update()
-
-
-def test_chunk_outside_its_tensor_is_refused() -> None:
-    acc = MeanAccumulator({"w": np.zeros(4, np.float32)})
-    with pytest.raises(
-        InvalidArgumentError, match=r"covers elements \[3, 5\), outside the tensor's 4"
-    ):
-        acc.add_chunk("w", 3, np.ones(2, np.float32), 1)
-
-
-def test_chunks_of_one_update_must_share_a_weight() -> None:
-    acc = MeanAccumulator({"w": np.zeros(4, np.float32)})
-    acc.add_chunk("w", 0, np.ones(2, np.float32), 1)
-    with pytest.raises(InvalidArgumentError, match=r"has weight 2\.0, the update being folded"):
-        acc.add_chunk("w", 2, np.ones(2, np.float32), 2)
 
 
 def test_mean_of_no_updates_is_refused() -> None:

@@ -128,10 +128,13 @@ def test_killed_aggregator_resumes_from_its_sealed_checkpoint_without_losing_a_r
     try:
         assert second.port != first.port
         status = operator.connect(second.target).status()
-        assert (status.state, status.model_version) == ("waiting_for_trainers", 2)
+        assert (status.state, status.model_version) == (
+            aggregator_pb2.FEDERATION_STATE_WAITING_FOR_TRAINERS,
+            2,
+        )
         assert [(r.round, r.state, r.model_version) for r in status.rounds] == [
-            (1, "completed", 1),
-            (2, "completed", 2),
+            (1, aggregator_pb2.ROUND_STATE_COMPLETED, 1),
+            (2, aggregator_pb2.ROUND_STATE_COMPLETED, 2),
         ]
         # sessions died with the process: the old session is unknown, so re-verify and join
         old_session = trainers.t1.session_id
@@ -162,4 +165,65 @@ def test_killed_aggregator_resumes_from_its_sealed_checkpoint_without_losing_a_r
     expected = by_hand(initial, PLAN.rounds)
     for name in initial:
         assert resumed[name].tobytes() == straight[name].tobytes()
+        np.testing.assert_array_equal(resumed[name], expected[name])
+
+
+ASYNC_PLAN = fedkit.PlanSpec(
+    rounds=3, evaluate_every=100, mode="async", buffer_size=2, staleness="constant"
+)
+
+
+def upload_async(t: fedkit.TestTrainer, initial: Weights, version: int, index: int) -> int:
+    """Upload trainer `index`'s update meant for model `version`; return its disposition."""
+    task = t.wait_for_task(TRAIN)
+    response = t.upload(round_update(initial, version, index), task)
+    return response.disposition
+
+
+@pytest.mark.slow
+def test_killed_async_aggregator_loses_no_buffered_update_and_applies_none_twice(
+    files: fedkit.FederationFiles,
+    attestation: RunningAttestationService,
+    trainers: Trainers,
+    tmp_path: Path,
+) -> None:
+    initial = dict(files.weights)
+    plan = files.write_plan(ASYNC_PLAN)
+    state = tmp_path / "state"
+    first = fedkit.AggregatorProcess.start(
+        files, plan, state, attestation.target, log_path=tmp_path / "aggregator-1.log"
+    )
+    try:
+        join(trainers, first.target, plan)
+        assert (
+            upload_async(trainers.t1, initial, 1, 1) == aggregator_pb2.UPDATE_DISPOSITION_BUFFERED
+        )
+        assert upload_async(trainers.t2, initial, 1, 2) == aggregator_pb2.UPDATE_DISPOSITION_APPLIED
+        # trainer-a's update for version 2 is acknowledged as journaled, then the crash
+        assert (
+            upload_async(trainers.t1, initial, 2, 1) == aggregator_pb2.UPDATE_DISPOSITION_BUFFERED
+        )
+    finally:
+        first.kill()
+    assert first.process.returncode == -9
+    journal = sorted((state / "journal").iterdir())
+    assert len(journal) == 1, journal
+
+    second = fedkit.AggregatorProcess.start(
+        files, plan, state, attestation.target, log_path=tmp_path / "aggregator-2.log"
+    )
+    try:
+        join(trainers, second.target, plan)
+        # the buffered update came back: trainer-b's update completes version 2 with it
+        assert upload_async(trainers.t2, initial, 2, 2) == aggregator_pb2.UPDATE_DISPOSITION_APPLIED
+        assert (
+            upload_async(trainers.t1, initial, 3, 1) == aggregator_pb2.UPDATE_DISPOSITION_BUFFERED
+        )
+        assert upload_async(trainers.t2, initial, 3, 2) == aggregator_pb2.UPDATE_DISPOSITION_APPLIED
+        resumed = finish(trainers)
+        assert second.terminate() == 0
+    finally:
+        second.kill()
+    expected = by_hand(initial, ASYNC_PLAN.rounds)
+    for name in initial:
         np.testing.assert_array_equal(resumed[name], expected[name])

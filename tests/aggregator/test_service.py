@@ -8,7 +8,8 @@ global model and the round as they were.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from hfl_aggregator.main import RunningAggregator
 from hfl_attestation.service import RunningAttestationService
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc
 from hfl_common.codec import specs_of
-from hfl_common.errors import PermissionDeniedError
+from hfl_common.errors import PermissionDeniedError, error_info, error_reason
 from hfl_common.tee import EnclaveIdentity
 from hfl_common.tee.identities import service_identity
 from tests import fedkit
@@ -66,8 +67,8 @@ class Federation:
 
     def round_state(self) -> tuple[str, int, int, list[tuple[int, str, int]]]:
         snap = self.aggregator.engine.snapshot()
-        rounds = [(r["round"], r["state"], r["updates"]) for r in snap["rounds"]]
-        return snap["state"], snap["round"], snap["model_version"], rounds
+        rounds = [(r.round, r.state.value, r.updates) for r in snap.rounds]
+        return snap.phase.value, snap.round, snap.model_version, rounds
 
     def assert_refused(
         self,
@@ -88,6 +89,10 @@ class Federation:
         assert fragment in details
         if reason is not None:
             assert self.refused(reason) == before_count + 1
+            # clients act on the ErrorInfo reason, never on the message
+            info = error_info(caught[0])
+            assert info is not None, "the refusal carries no google.rpc.ErrorInfo"
+            assert (info.domain, info.reason) == ("hfl", reason.upper())
         after_model = self.model()
         assert after_model[:2] == before_model[:2]
         for name, array in before_model[2].items():
@@ -138,8 +143,18 @@ def test_two_trainers_complete_a_round_with_the_weighted_mean_of_their_deltas(
     d1, d2 = patterned_update(start, 0), patterned_update(start, 4)
 
     first = t1.upload(d1, task1)
-    assert (first.accepted, first.round, first.model_version) == (True, 1, 0)
-    t2.upload(d2, task2)
+    assert (first.disposition, first.round, first.base_model_version, first.model_version) == (
+        aggregator_pb2.UPDATE_DISPOSITION_PENDING,
+        1,
+        0,
+        0,
+    )
+    second = t2.upload(d2, task2)
+    # the last update closes the round: it is part of model version 1
+    assert (second.disposition, second.model_version) == (
+        aggregator_pb2.UPDATE_DISPOSITION_APPLIED,
+        1,
+    )
 
     expected = fedavg(start, [(T1_EXAMPLES, d1), (T2_EXAMPLES, d2)])
     header, model = t1.download()
@@ -295,9 +310,9 @@ def test_peer_that_vanishes_mid_stream_is_counted_and_the_round_stays_open(
     fedkit.wait_until(lambda: federation.refused("stream") == before + 1, "the refusal count")
     assert federation.round_state()[:3] == ("training", 1, 0)
     trainer_a = next(
-        t for t in federation.aggregator.engine.snapshot()["trainers"] if t["label"] == t1.label
+        t for t in federation.aggregator.engine.snapshot().trainers if t.label == t1.label
     )
-    assert trainer_a["updates_refused"] == 1
+    assert trainer_a.updates_refused == 1
     assert t1.get_task().task_id == task1.task_id  # its task is still open
     t1.upload(d1, task1)
     t2.upload(d2, task2)
@@ -324,7 +339,7 @@ def test_join_under_another_plan_is_refused(
         f"{aggregator.plan.sha256_hex[:16]}…",
     )
     assert "both sides must use the same plan file" in details
-    assert aggregator.engine.snapshot()["trainers"] == []
+    assert aggregator.engine.snapshot().trainers == ()
     assert fed.round_state() == ("waiting_for_trainers", 0, 0, [])
 
 
@@ -343,7 +358,7 @@ def test_join_with_another_model_is_refused_naming_the_first_mismatching_tensor(
         "trainer model vs the plan's model: tensor 'dense/kernel' has shape (8, 5), "
         "expected (8, 4)",
     )
-    assert aggregator.engine.snapshot()["trainers"] == []
+    assert aggregator.engine.snapshot().trainers == ()
 
 
 def test_calls_with_an_unknown_session_are_not_found(federation: Federation) -> None:
@@ -386,7 +401,7 @@ def test_operator_may_read_status_but_not_join(
         grpc.StatusCode.PERMISSION_DENIED,
         "role operator may not call /hfl.v1.AggregatorService/Join; allowed: trainer",
     )
-    assert len(federation.aggregator.engine.snapshot()["trainers"]) == 2
+    assert len(federation.aggregator.engine.snapshot().trainers) == 2
 
 
 def test_trainer_may_not_read_status(federation: Federation) -> None:
@@ -447,10 +462,10 @@ def test_round_closes_at_the_deadline_with_the_updates_it_has(
     trainers.t1.upload(d1, task)
 
     fedkit.wait_until(lambda: aggregator.engine.model()[1] == 1, "the deadline", timeout=10)
-    summary = aggregator.engine.snapshot()["rounds"][0]
-    assert (summary["round"], summary["state"], summary["updates"]) == (1, "completed", 1)
+    summary = aggregator.engine.snapshot().rounds[0]
+    assert (summary.round, summary.state.value, summary.updates) == (1, "completed", 1)
     # it closed at the deadline, not at trainer-a's update
-    assert summary["duration_seconds"] >= DEADLINE_SECONDS
+    assert summary.duration_seconds >= DEADLINE_SECONDS
     _, _, model = aggregator.engine.model()
     for name, array in fedavg(files, [(T1_EXAMPLES, d1)]).items():
         np.testing.assert_array_equal(model[name], array)
@@ -482,9 +497,19 @@ def test_round_without_enough_updates_fails_and_is_retried(
     assert (retry.round, retry.task_id, retry.model_version) == (1, "1.2.train", 0)
     status = operator.connect(aggregator.target).status()
     failed, running = status.rounds
-    assert (failed.round, failed.attempt, failed.state, failed.updates) == (1, 1, "failed", 1)
-    assert failed.failure_reason == "deadline passed with 1 of the 2 updates needed"
-    assert (running.round, running.attempt, running.state) == (1, 2, "running")
+    assert (failed.round, failed.attempt, failed.state, failed.updates) == (
+        1,
+        1,
+        aggregator_pb2.ROUND_STATE_FAILED,
+        1,
+    )
+    assert failed.failure == aggregator_pb2.ROUND_FAILURE_DEADLINE
+    assert failed.failure_message == "deadline passed with 1 of the 2 updates needed"
+    assert (running.round, running.attempt, running.state) == (
+        1,
+        2,
+        aggregator_pb2.ROUND_STATE_RUNNING,
+    )
     assert status.model_version == 0
     # the update of the failed attempt does not count: attempt 2 needs both again
     d1, d2 = patterned_update(files, 2), patterned_update(files, 5)
@@ -494,6 +519,66 @@ def test_round_without_enough_updates_fails_and_is_retried(
     assert version == 1
     for name, array in fedavg(files, [(T1_EXAMPLES, d1), (T2_EXAMPLES, d2)]).items():
         np.testing.assert_array_equal(model[name], array)
+
+
+def test_a_session_presented_by_another_trainer_is_permission_denied(
+    federation: Federation,
+) -> None:
+    with fedkit.rpc_error() as caught:
+        federation.t2.get_task(session_id=federation.t1.session_id)
+    code, details = fedkit.code_and_details(caught)
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert f"this session belongs to trainer {federation.t1.trainer_id}" in details
+
+
+def test_an_upload_stream_without_a_header_holds_no_slot_and_is_cut_off(
+    start_aggregator: AggregatorFactory, trainers: Trainers, files: fedkit.FederationFiles
+) -> None:
+    aggregator = start_aggregator(NO_EVAL, header_timeout_seconds=1.0)
+    join_both(aggregator, trainers)
+    task = trainers.t1.wait_for_task(TRAIN)
+    trainers.t2.wait_for_task(TRAIN)
+    release = threading.Event()
+
+    def silent() -> Iterator[aggregator_pb2.UploadUpdateRequest]:
+        release.wait(fedkit.RPC_TIMEOUT_SECONDS)
+        yield from ()
+
+    idle = trainers.t1.stub.UploadUpdate.future(silent(), timeout=fedkit.RPC_TIMEOUT_SECONDS)
+    try:
+        # the only upload slot is free for trainer-b while trainer-a's stream idles
+        response = trainers.t2.upload(patterned_update(files, 1), task)
+        assert response.round == 1
+        with fedkit.rpc_error() as caught:
+            idle.result()
+    finally:
+        release.set()
+    code, details = fedkit.code_and_details(caught)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no update header within 1 s of opening the upload stream" in details
+
+
+def test_a_failed_federation_is_an_error_with_reason_federation_failed(
+    start_aggregator: AggregatorFactory, trainers: Trainers, files: fedkit.FederationFiles
+) -> None:
+    aggregator = start_aggregator(
+        fedkit.PlanSpec(
+            rounds=1,
+            round_timeout_seconds=DEADLINE_SECONDS,
+            max_round_retries=0,
+            evaluate_every=100,
+        )
+    )
+    join_both(aggregator, trainers)
+    task = trainers.t1.wait_for_task(TRAIN)
+    trainers.t1.upload(patterned_update(files, 1), task)
+    fedkit.wait_until(lambda: aggregator.engine.done, "the round to fail", timeout=10)
+    with fedkit.rpc_error() as caught:
+        trainers.t1.get_task()
+    code, details = fedkit.code_and_details(caught)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "federation failed: round 1 failed 1 times" in details
+    assert error_reason(caught[0]) == "FEDERATION_FAILED"
 
 
 # --- status ----------------------------------------------------------------------------------
@@ -518,8 +603,9 @@ def test_status_shows_plan_trainers_rounds_and_evaluation(
         "small_cnn",
         "fedavg",
     )
+    assert status.mode == aggregator_pb2.AGGREGATION_MODE_SYNC
     assert (status.state, status.round, status.total_rounds, status.model_version) == (
-        "training",
+        aggregator_pb2.FEDERATION_STATE_TRAINING,
         1,
         1,
         0,
@@ -528,31 +614,34 @@ def test_status_shows_plan_trainers_rounds_and_evaluation(
     assert [
         (t.label, t.trainer_id, t.state, t.mrenclave, t.num_examples) for t in status.trainers
     ] == [
-        (t1.label, t1.trainer_id, "active", mrenclave, T1_EXAMPLES),
-        (t2.label, t2.trainer_id, "active", mrenclave, T2_EXAMPLES),
+        (t1.label, t1.trainer_id, aggregator_pb2.TRAINER_STATE_ACTIVE, mrenclave, T1_EXAMPLES),
+        (t2.label, t2.trainer_id, aggregator_pb2.TRAINER_STATE_ACTIVE, mrenclave, T2_EXAMPLES),
     ]
-    assert [(r.round, r.state, r.updates) for r in status.rounds] == [(1, "running", 0)]
+    assert all(t.last_seen.seconds > 0 for t in status.trainers)
+    assert [(r.round, r.state, r.updates) for r in status.rounds] == [
+        (1, aggregator_pb2.ROUND_STATE_RUNNING, 0)
+    ]
 
     t1.upload(patterned_update(files, 1), task1, train_loss=1.0)
     t2.upload(patterned_update(files, 2), task2, train_loss=3.0)
     eval1 = t1.wait_for_task(aggregator_pb2.TASK_KIND_EVALUATE)
     eval2 = t2.wait_for_task(aggregator_pb2.TASK_KIND_EVALUATE)
     assert (eval1.round, eval1.model_version) == (1, 1)
-    assert operator.status().state == "evaluating"
+    assert operator.status().state == aggregator_pb2.FEDERATION_STATE_EVALUATING
     t1.report_eval(eval1, loss=0.5, accuracy=0.75)
     t2.report_eval(eval2, loss=1.5, accuracy=0.25)
 
     assert t1.wait_for_task(aggregator_pb2.TASK_KIND_DONE).message == "done"
     status = operator.status()
-    assert (status.state, status.model_version) == ("done", 1)
+    assert (status.state, status.model_version) == (aggregator_pb2.FEDERATION_STATE_DONE, 1)
     assert [(t.label, t.state, t.updates_accepted) for t in status.trainers] == [
-        (t1.label, "idle", 1),
-        (t2.label, "idle", 1),
+        (t1.label, aggregator_pb2.TRAINER_STATE_IDLE, 1),
+        (t2.label, aggregator_pb2.TRAINER_STATE_IDLE, 1),
     ]
     (summary,) = status.rounds
     assert (summary.round, summary.state, summary.updates, summary.model_version) == (
         1,
-        "completed",
+        aggregator_pb2.ROUND_STATE_COMPLETED,
         2,
         1,
     )
@@ -575,3 +664,47 @@ def test_status_names_the_plan_the_aggregator_attested(
     assert federation.aggregator.plan.sha256_hex in str(err.value)
     status = operator.connect(federation.aggregator.target).status()
     assert status.plan_sha256 == federation.aggregator.plan.sha256_hex
+
+
+# --- asynchronous mode -----------------------------------------------------------------------
+
+
+def test_async_server_applies_each_update_as_it_arrives_and_refuses_too_stale_ones(
+    start_aggregator: AggregatorFactory,
+    trainers: Trainers,
+    files: fedkit.FederationFiles,
+    operator: fedkit.OperatorClient,
+) -> None:
+    aggregator = start_aggregator(
+        fedkit.PlanSpec(rounds=10, mode="async", buffer_size=1, max_staleness=1, evaluate_every=100)
+    )
+    join_both(aggregator, trainers)
+    t1, t2 = trainers.t1, trainers.t2
+    old = t2.wait_for_task(TRAIN)  # trainer-b works on version 0 ...
+    assert old.train.max_staleness == 1
+    d = patterned_update(files, 1)
+    first = t1.upload(d, t1.wait_for_task(TRAIN))
+    assert (first.disposition, first.model_version, first.staleness) == (
+        aggregator_pb2.UPDATE_DISPOSITION_APPLIED,
+        1,
+        0,
+    )
+    # ... while trainer-a goes on without waiting for it
+    task = t1.wait_for_task(TRAIN)
+    assert task.model_version == 1
+    t1.upload(d, task)
+    with fedkit.rpc_error() as caught:
+        t2.upload(d, old)
+    code, details = fedkit.code_and_details(caught)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is 2 versions stale; the plan allows 1" in details
+    info = error_info(caught[0])
+    assert info is not None
+    assert (info.reason, info.metadata["staleness"]) == ("TOO_STALE", "2")
+    status = operator.connect(aggregator.target).status()
+    assert (status.mode, status.buffer_size, status.model_version) == (
+        aggregator_pb2.AGGREGATION_MODE_ASYNC,
+        1,
+        2,
+    )
+    assert fedkit.metric_value(aggregator.registry, "hfl_aggregator_staleness_count") == 2.0

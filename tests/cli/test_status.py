@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc
+from hfl_common.attest_client import connect_verified
+from hfl_common.tee.identities import service_identity
 from tests.cli import clikit
 
 
@@ -40,3 +43,21 @@ def test_status_of_a_directory_without_a_run_says_so(live: clikit.LocalFederatio
     assert result.returncode == 2
     line = clikit.one_error_line(result)
     assert line == f"error: {empty} is not a running `hfl run` directory (no endpoints.json)"
+
+
+def test_trainer_status_names_the_aggregator_it_verified(live: clikit.LocalFederation) -> None:
+    trainer = live.trainers[0]
+    operator = live.operator()
+    channel = connect_verified(
+        f"127.0.0.1:{trainer.grpc_port}", operator.credentials, operator.verifier, "trainer"
+    )
+    try:
+        status = aggregator_pb2_grpc.TrainerServiceStub(channel).GetStatus(
+            aggregator_pb2.TrainerServiceGetStatusRequest(), timeout=10
+        )
+    finally:
+        channel.close()
+    expected = service_identity("aggregator", live.prepared.platform).mrenclave.hex()
+    assert status.aggregator_mrenclave == expected
+    assert status.label == "trainer-1"
+    assert status.state != aggregator_pb2.TRAINER_PHASE_UNSPECIFIED

@@ -1026,7 +1026,12 @@ class _Aggregator:
         except HflError as err:
             context.abort(err.code, str(err))
         ok = all(np.array_equal(arrays[k], v) for k, v in SMALL_MODEL.items())
-        return aggregator_pb2.UploadUpdateResponse(accepted=ok, round=header.round)
+        disposition = (
+            aggregator_pb2.UPDATE_DISPOSITION_APPLIED
+            if ok
+            else aggregator_pb2.UPDATE_DISPOSITION_UNSPECIFIED
+        )
+        return aggregator_pb2.UploadUpdateResponse(disposition=disposition, round=header.round)
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         return grpc.method_handlers_generic_handler(
@@ -1088,7 +1093,7 @@ def test_upload_over_grpc_is_accepted_and_a_truncated_one_is_invalid_argument(
     update = aggregator_pb2.UpdateHeader(session_id="s", round=4)
     messages = list(iter_upload_messages(update, encode_tensors(SMALL_MODEL, chunk_bytes=8)))
     reply = stub.UploadUpdate(iter(messages), timeout=10)
-    assert (reply.accepted, reply.round) == (True, 4)
+    assert (reply.disposition, reply.round) == (aggregator_pb2.UPDATE_DISPOSITION_APPLIED, 4)
     with pytest.raises(grpc.RpcError) as info:
         stub.UploadUpdate(iter(messages[:-1]), timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

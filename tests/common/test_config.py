@@ -57,7 +57,8 @@ def test_plan_parses_with_defaults_and_resolves_weights_path(tmp_path: Path) -> 
     assert plan.rounds == 5
     assert plan.min_updates == 2
     assert plan.strategy.name == "fedadam"
-    assert plan.strategy.params == {"server_lr": 0.01, "beta1": 0.9}
+    # resolved: the defaults of the parameters the file left out are filled in
+    assert plan.strategy.params == {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
     assert plan.model.initial_weights == tmp_path / "init.npz"
     assert plan.update_kind == "delta"
     assert plan.data.dataset == "digits"
@@ -101,6 +102,44 @@ def test_invalid_plan_names_the_key(edit: tuple[str, str], message: str) -> None
     with pytest.raises(ConfigError) as err:
         parse_plan(PLAN.replace(*edit))
     assert message in str(err.value)
+
+
+def test_plan_hash_covers_resolved_strategy_parameters() -> None:
+    explicit = PLAN.replace("beta1 = 0.9", "beta1 = 0.9\nbeta2 = 0.99\ntau = 0.001")
+    assert parse_plan(explicit).sha256 == parse_plan(PLAN).sha256
+    changed = PLAN.replace("beta1 = 0.9", "beta1 = 0.9\ntau = 0.01")
+    assert parse_plan(changed).sha256 != parse_plan(PLAN).sha256
+    assert parse_plan(PLAN).canonical["strategy"]["tau"] == 1e-3
+
+
+def test_async_plan_parses_its_table_into_the_hash() -> None:
+    text = PLAN.replace("min_trainers = 2", 'min_trainers = 2\nmode = "async"')
+    plan = parse_plan(text + '\n[async]\nbuffer_size = 3\nstaleness = "hinge"\n')
+    assert (plan.mode, plan.asynchronous.buffer_size, plan.asynchronous.staleness) == (
+        "async",
+        3,
+        "hinge",
+    )
+    assert plan.canonical["async"]["buffer_size"] == 3
+    other = parse_plan(text + "\n[async]\nbuffer_size = 4\n")
+    assert other.sha256 != plan.sha256
+
+
+def test_async_table_without_async_mode_is_refused() -> None:
+    with pytest.raises(
+        ConfigError, match=r"\[async\] buffer_size applies only with federation.mode"
+    ):
+        parse_plan(PLAN + "\n[async]\nbuffer_size = 3\n")
+
+
+def test_robust_strategy_in_async_mode_is_refused_at_plan_load() -> None:
+    text = PLAN.replace("min_trainers = 2", 'min_trainers = 2\nmode = "async"').replace(
+        'name = "fedadam"\nserver_lr = 0.01\nbeta1 = 0.9', 'name = "median"'
+    )
+    with pytest.raises(
+        ConfigError, match=r"strategy 'median' supports federation\.mode = sync, not 'async'"
+    ):
+        parse_plan(text)
 
 
 def test_missing_plan_table_is_named() -> None:

@@ -192,7 +192,14 @@ class Aggregator(aggregator_pb2_grpc.AggregatorServiceServicer):
         context: grpc.ServicerContext,
     ) -> aggregator_pb2.UploadUpdateResponse:
         count = sum(1 for _ in request_iterator)
-        return aggregator_pb2.UploadUpdateResponse(accepted=True, round=count)
+        return aggregator_pb2.UploadUpdateResponse(
+            disposition=aggregator_pb2.UPDATE_DISPOSITION_PENDING, round=count
+        )
+
+    def KeepAlive(
+        self, request: aggregator_pb2.KeepAliveRequest, context: grpc.ServicerContext
+    ) -> aggregator_pb2.KeepAliveResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not part of this test")
 
     def GetTask(
         self, request: aggregator_pb2.GetTaskRequest, context: grpc.ServicerContext

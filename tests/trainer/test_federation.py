@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from hfl_cli.local import PlanOptions
+from hfl_common.api import aggregator_pb2
 from hfl_common.config import load_plan
 from tests.cli import clikit
 
@@ -95,7 +96,9 @@ def test_trainers_survive_an_aggregator_restart_and_finish(tmp_path: Path) -> No
         t1 = fed.start_trainer(0, wait=False)
         t2 = fed.start_trainer(1, wait=False)
         clikit.wait_until(
-            lambda: any(r.state == "completed" for r in fed.status().rounds),
+            lambda: any(
+                r.state == aggregator_pb2.ROUND_STATE_COMPLETED for r in fed.status().rounds
+            ),
             "round 1 to complete",
             timeout=240,
             interval=0.1,
@@ -103,7 +106,7 @@ def test_trainers_survive_an_aggregator_restart_and_finish(tmp_path: Path) -> No
         before = fed.status()
         first.process.send_signal(signal.SIGTERM)
         assert first.process.wait(timeout=30) == 0
-        done_before = sum(r.state == "completed" for r in before.rounds)
+        done_before = sum(r.state == aggregator_pb2.ROUND_STATE_COMPLETED for r in before.rounds)
         assert done_before < rounds, "the federation ended before the restart"
 
         fed.start_aggregator(listen=f"127.0.0.1:{port}")
@@ -111,8 +114,10 @@ def test_trainers_survive_an_aggregator_restart_and_finish(tmp_path: Path) -> No
         assert t1.process.wait(timeout=300) == 0, fed.log_text(t1)[-3000:]
         assert t2.process.wait(timeout=60) == 0, fed.log_text(t2)[-3000:]
         status = fed.status()
-        assert status.state == "done"
-        completed = [r.round for r in status.rounds if r.state == "completed"]
+        assert status.state == aggregator_pb2.FEDERATION_STATE_DONE
+        completed = [
+            r.round for r in status.rounds if r.state == aggregator_pb2.ROUND_STATE_COMPLETED
+        ]
         assert completed == list(range(1, rounds + 1))
         assert status.model_version == rounds
         assert sorted(t.label for t in status.trainers) == ["trainer-1", "trainer-2"]

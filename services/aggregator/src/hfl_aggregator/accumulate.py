@@ -175,13 +175,10 @@ class UpdateSource(Protocol):
 
 
 class MeanAccumulator:
-    """Folds updates into a running weighted sum; `mean()` divides it once.
+    """Folds whole, validated updates into a running weighted sum; `mean()` divides it once.
 
-    Either `add()` whole updates, or `add_chunk()` pieces of one update and
-    then `commit_update()`. A chunk is folded as soon as it is given and
-    cannot be taken out again: fold only what is already validated (no NaN,
-    right tensor and range). An accumulator with an update folded in part and
-    never committed refuses `mean()`.
+    An update is folded only after it was decoded and validated completely (the
+    engine's admission), so nothing folded ever has to be taken out again.
     """
 
     def __init__(
@@ -200,8 +197,6 @@ class MeanAccumulator:
         self._scratch: dict[np.dtype[Any], Array] = {}
         self._count = 0
         self._total_weight = 0.0
-        self._pending_weight: float | None = None
-        self._pending_elements = 0
         self._mean: Weights | None = None
 
     @property
@@ -221,54 +216,12 @@ class MeanAccumulator:
     def add(self, update: Mapping[str, Array], weight: float) -> None:
         """Fold one whole update with its weight (its num_examples)."""
         self._check_open()
-        if self._pending_weight is not None:
-            raise FailedPreconditionError(
-                "cannot add a whole update while another is folded in part; commit it first"
-            )
         w = _check_weight(weight)
         check_matches_layout(update, self._layout)
         for t in self._layout:
             self._fold(t.name, 0, np.asarray(update[t.name]).reshape(-1), w)
         self._count += 1
         self._total_weight += w
-
-    def add_chunk(self, name: str, flat_offset: int, values: Array, weight: float) -> None:
-        """Fold `values` into tensor `name` at flat (C-order) element `flat_offset`."""
-        self._check_open()
-        w = _check_weight(weight)
-        if self._pending_weight is not None and self._pending_weight != w:
-            raise InvalidArgumentError(
-                f"chunk of tensor {name!r} has weight {w}, the update being folded has "
-                f"weight {self._pending_weight}"
-            )
-        layout = self._by_name.get(name)
-        if layout is None:
-            raise InvalidArgumentError(f"chunk names tensor {name!r}, which the model lacks")
-        flat = np.asarray(values).reshape(-1)
-        if flat_offset < 0 or flat_offset + flat.size > layout.size:
-            raise InvalidArgumentError(
-                f"chunk of tensor {name!r} covers elements [{flat_offset}, "
-                f"{flat_offset + flat.size}), outside the tensor's {layout.size}"
-            )
-        self._fold(name, flat_offset, flat, w)
-        self._pending_weight = w
-        self._pending_elements += flat.size
-
-    def commit_update(self) -> None:
-        """Count the update folded by `add_chunk()` calls; every element must have come."""
-        self._check_open()
-        if self._pending_weight is None:
-            raise FailedPreconditionError("no update is being folded by chunks")
-        expected = sum(t.size for t in self._layout)
-        if self._pending_elements != expected:
-            raise InvalidArgumentError(
-                f"the update folded by chunks has {self._pending_elements} elements, "
-                f"the model has {expected}"
-            )
-        self._count += 1
-        self._total_weight += self._pending_weight
-        self._pending_weight = None
-        self._pending_elements = 0
 
     def mean(self) -> Weights:
         """The weighted mean, in the model's dtypes; the accumulator is closed after it.
@@ -278,10 +231,6 @@ class MeanAccumulator:
         """
         if self._mean is not None:
             return self._mean
-        if self._pending_weight is not None:
-            raise FailedPreconditionError(
-                "an update is folded in part and was never committed; the sum is unusable"
-            )
         if self._count == 0:
             raise InvalidArgumentError("no updates to average: the round received none")
         result: Weights = {}
@@ -319,6 +268,7 @@ class MeanAccumulator:
             raise FailedPreconditionError("the accumulator was already averaged; start a new one")
 
     def _fold(self, name: str, offset: int, flat: Array, weight: float) -> None:
+        """target[offset:offset + flat.size] += weight * flat, a block at a time."""
         target = self._sums[name].reshape(-1)
         scratch = self._scratch.get(target.dtype)
         if scratch is None:

@@ -35,6 +35,8 @@ class Checkpoint:
     weights: dict[str, np.ndarray]
     strategy_state: dict[str, np.ndarray]
     history: list[dict[str, Any]] = field(default_factory=list)
+    # What the aggregation schedule needs to resume (async: the journal watermark).
+    schedule_state: dict[str, Any] = field(default_factory=dict)
 
 
 class CheckpointStore:
@@ -48,6 +50,7 @@ class CheckpointStore:
             "model_version": ckpt.model_version,
             "completed_rounds": ckpt.completed_rounds,
             "history": ckpt.history,
+            "schedule_state": ckpt.schedule_state,
             "weights": list(ckpt.weights),
             "strategy_state": list(ckpt.strategy_state),
         }
@@ -87,4 +90,5 @@ class CheckpointStore:
             weights=weights,
             strategy_state=state,
             history=list(meta["history"]),
+            schedule_state=dict(meta.get("schedule_state", {})),
         )

@@ -28,8 +28,9 @@ from prometheus_client import CollectorRegistry
 
 from hfl_aggregator.checkpoint import CheckpointStore
 from hfl_aggregator.collect import RoundCollector
+from hfl_aggregator.engine import RoundEngine
+from hfl_aggregator.engine.journal import UpdateJournal
 from hfl_aggregator.metrics import AggregatorMetrics
-from hfl_aggregator.rounds import RoundEngine
 from hfl_aggregator.service import ALLOWED_ROLES, SERVICE_NAME, AggregatorServicer
 from hfl_aggregator.strategies import make_strategy
 from hfl_common.api import aggregator_pb2_grpc
@@ -107,6 +108,8 @@ class AggregatorConfig:
     listen: str = "127.0.0.1:7401"
     metrics_listen: str | None = "127.0.0.1:9401"
     upload_slots: int = 1
+    # How long an upload stream may stay open without sending its header.
+    header_timeout_seconds: float = 10.0
     tick_seconds: float = TICK_SECONDS
     grace_seconds: float = 10.0
 
@@ -180,7 +183,7 @@ def build_aggregator(config: AggregatorConfig, registry: CollectorRegistry) -> R
         undo.callback(renewer.stop)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         metrics = AggregatorMetrics.create(registry)
-        strategy = make_strategy(plan.strategy.name, plan.strategy.params)
+        strategy = make_strategy(plan.strategy.name, plan.strategy.params, plan.model.non_trainable)
         spill = config.state_dir / "spill"
         engine = RoundEngine(
             plan,
@@ -189,6 +192,7 @@ def build_aggregator(config: AggregatorConfig, registry: CollectorRegistry) -> R
             metrics,
             checkpoints=CheckpointStore(config.state_dir, enclave.sealing),
             collector_factory=lambda s, w: RoundCollector.for_strategy(s, w, spill),
+            journal=UpdateJournal(config.state_dir / "journal", enclave.sealing),
         )
         peers = enclave.peer_verifier()
 
@@ -203,6 +207,7 @@ def build_aggregator(config: AggregatorConfig, registry: CollectorRegistry) -> R
             specs_of(weights),
             mrenclave_of=mrenclave_of,
             upload_slots=config.upload_slots,
+            header_timeout_seconds=config.header_timeout_seconds,
         )
         host, port = split_listen(config.listen)
         server = build_server(

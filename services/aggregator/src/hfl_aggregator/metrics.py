@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+_STALENESS_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50)
 _ROUND_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 
 
@@ -30,6 +31,8 @@ class AggregatorMetrics:
     checkpoint_writes: Counter
     last_checkpoint: Gauge
     federation_done: Gauge
+    staleness: Histogram
+    model_versions_per_second: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> AggregatorMetrics:
@@ -97,5 +100,17 @@ class AggregatorMetrics:
             ),
             federation_done=Gauge(
                 p + "federation_done", "1 once the federation has ended", registry=registry
+            ),
+            staleness=Histogram(
+                p + "staleness",
+                "Model versions between an accepted update's base and the current model "
+                "(asynchronous mode)",
+                buckets=_STALENESS_BUCKETS,
+                registry=registry,
+            ),
+            model_versions_per_second=Gauge(
+                p + "model_versions_per_second",
+                "New global model versions per second, over the last versions",
+                registry=registry,
             ),
         )

@@ -2,23 +2,39 @@
 
 Handlers stay thin. Who the caller is comes from its attested certificate
 (`current_peer()`, set by the server's interceptor after the role check and
-quote re-verification); the round logic lives in `hfl_aggregator.rounds`; the
-tensor streams go through `hfl_common.codec`, so memory per upload is the
-decoded update plus one chunk, and at most `upload_slots` uploads are decoded
-at a time, whatever the number of trainers.
+quote re-verification) and is passed to the engine, which refuses a session
+used by another identity; the federation logic lives in `hfl_aggregator.engine`,
+which also decides every field of a task. The tensor streams go through
+`hfl_common.codec`, so memory per upload is the decoded update plus one chunk,
+and at most `upload_slots` uploads are decoded at a time, whatever the number
+of trainers. An upload takes its slot only after its header has come (within
+`header_timeout_seconds`) and passed admission, so an idle stream holds nothing.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 import numpy as np
 
+from hfl_aggregator.engine import (
+    FailureReason,
+    Phase,
+    RoundEngine,
+    RoundState,
+    Task,
+    TaskKind,
+    Ticket,
+    TrainerState,
+    UpdateMeta,
+    party_of,
+)
 from hfl_aggregator.metrics import AggregatorMetrics
-from hfl_aggregator.rounds import RoundEngine, TaskKind, Ticket, UpdateMeta
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
 from hfl_common.codec import (
     check_specs,
@@ -28,9 +44,10 @@ from hfl_common.codec import (
 )
 from hfl_common.config import FederationPlan
 from hfl_common.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
     HflError,
     InvalidArgumentError,
-    NotFoundError,
     ResourceExhaustedError,
     StreamError,
     UnauthenticatedError,
@@ -53,6 +70,35 @@ _UPDATE_KINDS = {
     aggregator_pb2.UPDATE_KIND_GRADIENT: "gradient",
     aggregator_pb2.UPDATE_KIND_DELTA: "delta",
 }
+_STATES = {
+    Phase.WAITING: aggregator_pb2.FEDERATION_STATE_WAITING_FOR_TRAINERS,
+    Phase.TRAINING: aggregator_pb2.FEDERATION_STATE_TRAINING,
+    Phase.AGGREGATING: aggregator_pb2.FEDERATION_STATE_AGGREGATING,
+    Phase.EVALUATING: aggregator_pb2.FEDERATION_STATE_EVALUATING,
+    Phase.DONE: aggregator_pb2.FEDERATION_STATE_DONE,
+    Phase.FAILED: aggregator_pb2.FEDERATION_STATE_FAILED,
+}
+_TRAINER_STATES = {
+    TrainerState.ACTIVE: aggregator_pb2.TRAINER_STATE_ACTIVE,
+    TrainerState.IDLE: aggregator_pb2.TRAINER_STATE_IDLE,
+    TrainerState.LOST: aggregator_pb2.TRAINER_STATE_LOST,
+    TrainerState.LEFT: aggregator_pb2.TRAINER_STATE_LEFT,
+}
+_ROUND_STATES = {
+    RoundState.RUNNING: aggregator_pb2.ROUND_STATE_RUNNING,
+    RoundState.COMPLETED: aggregator_pb2.ROUND_STATE_COMPLETED,
+    RoundState.FAILED: aggregator_pb2.ROUND_STATE_FAILED,
+}
+_FAILURES = {
+    FailureReason.DEADLINE: aggregator_pb2.ROUND_FAILURE_DEADLINE,
+    FailureReason.TRAINERS_LOST: aggregator_pb2.ROUND_FAILURE_TRAINERS_LOST,
+    FailureReason.AGGREGATION_FAILED: aggregator_pb2.ROUND_FAILURE_AGGREGATION_FAILED,
+    FailureReason.AGGREGATE_REFUSED: aggregator_pb2.ROUND_FAILURE_AGGREGATE_REFUSED,
+}
+_MODES = {
+    "sync": aggregator_pb2.AGGREGATION_MODE_SYNC,
+    "async": aggregator_pb2.AGGREGATION_MODE_ASYNC,
+}
 _ENCODINGS = {
     "raw": tensor_pb2.ENCODING_RAW,
     "float16": tensor_pb2.ENCODING_FLOAT16,
@@ -63,7 +109,15 @@ _ENCODINGS = {
 # Methods and the roles that may call them: the aggregator's authorization table.
 ALLOWED_ROLES: dict[str, frozenset[str]] = {
     f"/{SERVICE_NAME}/{m}": frozenset({"trainer"})
-    for m in ("Join", "GetTask", "DownloadModel", "UploadUpdate", "ReportEvaluation", "Leave")
+    for m in (
+        "Join",
+        "GetTask",
+        "KeepAlive",
+        "DownloadModel",
+        "UploadUpdate",
+        "ReportEvaluation",
+        "Leave",
+    )
 }
 ALLOWED_ROLES[f"/{SERVICE_NAME}/GetStatus"] = frozenset({"operator"})
 
@@ -84,6 +138,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         federation_id: str = "",
         chunk_bytes: int = 1 << 20,
         upload_slots: int = 1,
+        header_timeout_seconds: float = 10.0,
     ) -> None:
         self._engine = engine
         self._plan = plan
@@ -93,7 +148,9 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         self._federation_id = federation_id or plan.name
         self._chunk_bytes = chunk_bytes
         self._uploads = threading.BoundedSemaphore(upload_slots)
-        # An update is the model's size in float32 at most (raw encoding), plus slack.
+        self._header_timeout = header_timeout_seconds
+        # An update is at most the model's size at 8 bytes per element (raw encoding of
+        # the widest dtype, float64/int64), plus slack for the stream's framing.
         self._max_update_bytes = (
             sum(int(np.prod(s.shape, dtype=np.int64)) * 8 for s in self._spec) + 4096
         )
@@ -104,27 +161,28 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         self, request: aggregator_pb2.JoinRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.JoinResponse:
         peer = current_peer()
-        if not peer.peer_id:
-            raise UnauthenticatedError("trainer certificate carries no hfl://id/ SAN")
+        caller = _caller()
         check_specs(self._spec, list(request.model_spec), "trainer model vs the plan's model")
         session = self._engine.join(
-            peer.peer_id,
-            request.label or peer.peer_id,
+            caller,
+            request.label or caller,
             self._mrenclave_of(peer),
             request.plan_sha256,
             int(request.num_examples),
+            party=party_of(peer),
         )
         return aggregator_pb2.JoinResponse(
             trainer_id=peer.peer_id,
             session_id=session,
             plan_sha256=self._plan.sha256_hex,
             total_rounds=self._plan.rounds,
+            mode=_MODES[self._plan.mode],
         )
 
     def Leave(  # noqa: N802
         self, request: aggregator_pb2.LeaveRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.LeaveResponse:
-        self._engine.leave(request.session_id)
+        self._engine.leave(request.session_id, _caller())
         return aggregator_pb2.LeaveResponse()
 
     # ----------------------------------------------------------------- tasks
@@ -132,49 +190,27 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
     def GetTask(  # noqa: N802
         self, request: aggregator_pb2.GetTaskRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.GetTaskResponse:
-        wait = min(float(request.wait_seconds), MAX_POLL_SECONDS)
-        task = self._engine.next_task(request.session_id, wait, context.is_active)
-        t = self._plan.training
-        msg = aggregator_pb2.Task(
-            task_id=task.task_id,
-            kind=_TASK_KINDS[task.kind],
-            round=task.round,
-            model_version=task.model_version,
-            message=task.message,
-        )
-        if task.kind is TaskKind.TRAIN:
-            config = self._engine.strategy.configure_round(task.round)
-            msg.update_kind = (
-                aggregator_pb2.UPDATE_KIND_GRADIENT
-                if self._plan.update_kind == "gradient"
-                else aggregator_pb2.UPDATE_KIND_DELTA
+        wait = min(request.max_wait.ToTimedelta().total_seconds(), MAX_POLL_SECONDS)
+        task = self._engine.next_task(request.session_id, _caller(), wait, context.is_active)
+        if task.failed:
+            raise FailedPreconditionError(
+                task.message, "federation_failed", {"round": str(task.round)}
             )
-            msg.local_epochs = t.local_epochs
-            msg.local_steps = 1 if self._plan.update_kind == "gradient" else t.local_steps
-            msg.batch_size = t.batch_size
-            msg.learning_rate = t.learning_rate
-            msg.proximal_mu = float(getattr(config, "proximal_mu", 0.0))
-            msg.update_encoding = encoding_code(self._plan.update.encoding)  # type: ignore[assignment]
-            msg.privacy.clip_norm = self._plan.privacy.clip_norm
-            msg.privacy.noise_multiplier = self._plan.privacy.noise_multiplier
-            msg.deadline_unix_ms = int(task.deadline * 1000)
-            msg.seed = task.seed
-        elif task.kind is TaskKind.EVALUATE:
-            msg.deadline_unix_ms = int(task.deadline * 1000)
-        return aggregator_pb2.GetTaskResponse(task=msg)
+        return aggregator_pb2.GetTaskResponse(task=task_message(task))
+
+    def KeepAlive(  # noqa: N802
+        self, request: aggregator_pb2.KeepAliveRequest, context: grpc.ServicerContext
+    ) -> aggregator_pb2.KeepAliveResponse:
+        current = self._engine.keep_alive(request.session_id, _caller(), request.task_id)
+        return aggregator_pb2.KeepAliveResponse(task_current=current)
 
     # --------------------------------------------------------------- streams
 
     def DownloadModel(  # noqa: N802
         self, request: aggregator_pb2.DownloadModelRequest, context: grpc.ServicerContext
     ) -> Iterator[aggregator_pb2.DownloadModelResponse]:
-        self._engine.trainer_of(request.session_id)
-        completed, version, weights = self._engine.model()
-        if request.model_version not in (0, version):
-            raise NotFoundError(
-                f"model version {request.model_version} is not available; the current "
-                f"global model is version {version}"
-            )
+        self._engine.trainer_of(request.session_id, _caller())
+        completed, version, weights = self._engine.model_at(request.model_version)
         stream = encode_tensors(weights, tensor_pb2.ENCODING_RAW, chunk_bytes=self._chunk_bytes)
         yield from iter_download_messages(completed, version, self._plan.sha256_hex, stream)
         self._metrics.update_bytes.labels(direction="out").inc(stream.header.total_bytes)
@@ -184,41 +220,83 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         request_iterator: Iterator[aggregator_pb2.UploadUpdateRequest],
         context: grpc.ServicerContext,
     ) -> aggregator_pb2.UploadUpdateResponse:
-        ticket: Ticket | None = None
-
-        def on_header(h: aggregator_pb2.UpdateHeader) -> None:
-            # Round checks on the header alone, before any of the payload is read.
-            nonlocal ticket
-            ticket = self._check_header(h)
+        caller = _caller()
+        parts = self._counted(request_iterator)
+        first = self._first_part(parts)
+        if first.WhichOneof("part") != "header":
+            raise StreamError(
+                f"an update stream must start with its header, not a {first.WhichOneof('part')}"
+            )
+        h = first.header
+        # Admission of the header (session, round, replay ...) before any payload is read
+        # and before an upload slot is taken.
+        ticket = self._check_header(h, caller)
+        try:
             if h.tensors.total_bytes > self._max_update_bytes:
                 raise ResourceExhaustedError(
                     f"update stream announces {h.tensors.total_bytes} bytes; an update of "
                     f"this model is at most {self._max_update_bytes} bytes",
                     "oversized",
                 )
-
-        try:
             with self._uploads:
                 _, arrays = collect_stream(
-                    self._counted(request_iterator),
+                    itertools.chain([first], parts),
                     max_total_bytes=self._max_update_bytes,
                     expected=self._spec,
-                    on_header=on_header,
                 )
         except HflError as exc:
-            if ticket is not None:
-                self._engine.refuse(ticket.trainer_id, exc)
+            self._engine.refuse(ticket.trainer_id, exc)
             raise
-        assert ticket is not None  # collect_stream returns only after on_header ran
-        round_number, version = self._engine.accept_update(ticket, arrays)
+        accepted = self._engine.accept_update(ticket, arrays)
+        if accepted.applied_version:
+            disposition = aggregator_pb2.UPDATE_DISPOSITION_APPLIED
+        elif accepted.journaled:
+            disposition = aggregator_pb2.UPDATE_DISPOSITION_BUFFERED
+        else:
+            disposition = aggregator_pb2.UPDATE_DISPOSITION_PENDING
         return aggregator_pb2.UploadUpdateResponse(
-            accepted=True, round=round_number, model_version=version
+            disposition=disposition,
+            round=accepted.round,
+            base_model_version=accepted.base_model_version,
+            model_version=accepted.applied_version,
+            staleness=accepted.staleness,
         )
 
-    def _check_header(self, h: aggregator_pb2.UpdateHeader) -> Ticket:
+    def _first_part(
+        self, parts: Iterator[aggregator_pb2.UploadUpdateRequest]
+    ) -> aggregator_pb2.UploadUpdateRequest:
+        """The stream's first message, waited for at most `header_timeout_seconds`."""
+        box: queue.Queue[tuple[bool, object]] = queue.Queue(1)
+
+        def read() -> None:
+            try:
+                box.put((True, next(parts)))
+            except StopIteration:
+                box.put((False, StreamError("the update stream ended before its header")))
+            except BaseException as exc:  # handed to the handler thread below
+                box.put((False, exc))
+
+        threading.Thread(target=read, name="hfl-upload-header", daemon=True).start()
+        try:
+            ok, value = box.get(timeout=self._header_timeout)
+        except queue.Empty:
+            raise DeadlineExceededError(
+                f"no update header within {self._header_timeout:.0f} s of opening the "
+                "upload stream; send the header first",
+                "header_timeout",
+            ) from None
+        if not ok:
+            assert isinstance(value, BaseException)
+            raise value
+        assert isinstance(value, aggregator_pb2.UploadUpdateRequest)
+        return value
+
+    def _check_header(self, h: aggregator_pb2.UpdateHeader, caller: str) -> Ticket:
         kind = _UPDATE_KINDS.get(h.kind)
         if kind is None:
-            raise InvalidArgumentError(f"update kind {h.kind} is not GRADIENT or DELTA")
+            raise InvalidArgumentError(
+                f"update kind {h.kind} is not GRADIENT or DELTA", "wrong_kind"
+            )
         return self._engine.check_update(
             UpdateMeta(
                 session_id=h.session_id,
@@ -230,7 +308,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                 nonce=bytes(h.nonce),
                 train_loss=h.train_loss,
                 train_accuracy=h.train_accuracy,
-            )
+            ),
+            caller,
         )
 
     def _counted(
@@ -257,7 +336,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
     ) -> aggregator_pb2.ReportEvaluationResponse:
         r = request.report
         self._engine.report_evaluation(
-            r.session_id, r.round, r.model_version, r.num_examples, r.loss, r.accuracy
+            r.session_id, _caller(), r.round, r.model_version, r.num_examples, r.loss, r.accuracy
         )
         return aggregator_pb2.ReportEvaluationResponse()
 
@@ -267,20 +346,88 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         self, request: aggregator_pb2.GetStatusRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.GetStatusResponse:
         snap = self._engine.snapshot()
-        return aggregator_pb2.GetStatusResponse(
+        response = aggregator_pb2.GetStatusResponse(
             federation_id=self._federation_id,
             plan_sha256=self._plan.sha256_hex,
-            state=snap["state"],
-            round=snap["round"],
-            total_rounds=snap["total_rounds"],
-            model_version=snap["model_version"],
+            state=_STATES[snap.phase],
+            round=snap.round,
+            total_rounds=snap.total_rounds,
+            model_version=snap.model_version,
             strategy=self._plan.strategy.name,
             model=self._plan.model.name,
-            trainers=[aggregator_pb2.TrainerStatus(**t) for t in snap["trainers"]],
-            rounds=[
-                aggregator_pb2.RoundSummary(
-                    **{k: v for k, v in r.items() if k != "aggregation_seconds"}
-                )
-                for r in snap["rounds"]
-            ],
+            mode=_MODES[snap.mode],
+            buffer_size=snap.buffer_size,
+            failure=snap.failure,
         )
+        for t in snap.trainers:
+            trainer = response.trainers.add(
+                trainer_id=t.trainer_id,
+                label=t.label,
+                party=t.party,
+                mrenclave=t.mrenclave,
+                state=_TRAINER_STATES[t.state],
+                updates_accepted=t.updates_accepted,
+                updates_refused=t.updates_refused,
+                num_examples=t.num_examples,
+            )
+            trainer.last_seen.FromNanoseconds(int(t.last_seen * 1e9))
+        for r in snap.rounds:
+            summary = response.rounds.add(
+                round=r.round,
+                attempt=r.attempt,
+                state=_ROUND_STATES[r.state],
+                updates=r.updates,
+                model_version=r.model_version,
+                train_loss=r.train_loss,
+                eval_loss=r.eval_loss,
+                eval_accuracy=r.eval_accuracy,
+                eval_examples=r.eval_examples,
+                failure=_FAILURES[r.failure] if r.failure is not None else 0,
+                failure_message=r.failure_message,
+                staleness=r.staleness,
+            )
+            summary.duration.FromNanoseconds(int(r.duration_seconds * 1e9))
+        return response
+
+
+def _caller() -> str:
+    """The calling trainer's identity: the hfl://id/ SAN of its attested certificate."""
+    peer = current_peer()
+    if not peer.peer_id:
+        raise UnauthenticatedError("the caller's certificate carries no hfl://id/ SAN")
+    return peer.peer_id
+
+
+def task_message(task: Task) -> aggregator_pb2.Task:
+    """The wire form of an engine task: every field comes from the engine."""
+    msg = aggregator_pb2.Task(
+        task_id=task.task_id,
+        kind=_TASK_KINDS[task.kind],
+        round=task.round,
+        model_version=task.model_version,
+        message=task.message,
+    )
+    if task.heartbeat_seconds:
+        msg.keep_alive_interval.FromNanoseconds(int(task.heartbeat_seconds * 1e9))
+    p = task.train
+    if p is not None:
+        msg.train.CopyFrom(
+            aggregator_pb2.TrainParams(
+                update_kind=(
+                    aggregator_pb2.UPDATE_KIND_GRADIENT
+                    if p.update_kind == "gradient"
+                    else aggregator_pb2.UPDATE_KIND_DELTA
+                ),
+                local_epochs=p.local_epochs,
+                proximal_mu=p.proximal_mu,
+                update_encoding=encoding_code(p.encoding),  # type: ignore[arg-type]
+                privacy=aggregator_pb2.PrivacyConfig(
+                    clip_norm=p.clip_norm, noise_multiplier=p.noise_multiplier
+                ),
+                seed=p.seed,
+                max_staleness=p.max_staleness,
+            )
+        )
+    elif task.kind is TaskKind.EVALUATE:
+        msg.evaluate.SetInParent()
+    return msg

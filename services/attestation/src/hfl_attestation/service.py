@@ -195,12 +195,13 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
             label=request.label,
         )
         self._metrics.issued.labels(role=role).inc()
-        return attestation_pb2.IssueCertificateResponse(
+        response = attestation_pb2.IssueCertificateResponse(
             certificate_pem=leaf.pem.decode(),
             ca_certificates_pem=self._ca.pem.decode(),
-            not_after_unix=int(leaf.not_after.timestamp()),
             verdict=verdict.to_proto(),
         )
+        response.not_after.FromDatetime(leaf.not_after)
+        return response
 
     def _verify_enclave_evidence(
         self, evidence: attestation_pb2.Evidence, role: str, spki_sha: bytes
@@ -250,7 +251,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
         self, request: attestation_pb2.VerifyEvidenceRequest, context: grpc.ServicerContext
     ) -> attestation_pb2.VerifyEvidenceResponse:
         role = role_name(request.role)
-        at = int(request.at_unix) or None
+        at = request.at.seconds if request.HasField("at") else None
         kind = request.evidence.WhichOneof("kind")
         if kind == "sgx_quote":
             verdict = self._verifier.verify_quote(bytes(request.evidence.sgx_quote), role, at=at)

@@ -63,6 +63,14 @@ def _run_main(argv: Sequence[str] | None) -> int:
     p.add_argument("--noise-multiplier", type=float, default=0.0, help="client DP: noise")
     p.add_argument("--synthetic-examples", type=int, default=256)
     p.add_argument("--round-timeout", type=float, default=300.0)
+    p.add_argument(
+        "--mode",
+        choices=("sync", "async"),
+        default="sync",
+        help="sync: rounds with a barrier; async: no barrier, a buffer of staleness-weighted "
+        "updates (--buffer-size; 1 = apply each update as it arrives, K > 1 = FedBuff)",
+    )
+    p.add_argument("--buffer-size", type=int, default=1, help="async: updates per new model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, help="default: runs/<timestamp>")
     p.add_argument("--expect-accuracy", type=float, help="exit 1 below this final accuracy")
@@ -84,6 +92,10 @@ def _run_main(argv: Sequence[str] | None) -> int:
         p.error("--trainers must be at least 1")
     if ns.rounds < 1:
         p.error("--rounds must be at least 1")
+    if ns.buffer_size < 1:
+        p.error("--buffer-size must be at least 1")
+    if ns.buffer_size != 1 and ns.mode != "async":
+        p.error("--buffer-size applies only with --mode async")
     plan = PlanOptions(
         trainers=ns.trainers,
         rounds=ns.rounds,
@@ -103,6 +115,10 @@ def _run_main(argv: Sequence[str] | None) -> int:
         noise_multiplier=ns.noise_multiplier,
         synthetic_examples=ns.synthetic_examples,
         strategy_params=tuple(params),
+        mode=ns.mode,
+        buffer_size=ns.buffer_size,
+        # async: evaluate about once per trainer-round of updates, not every version
+        evaluate_every=max(1, ns.trainers // ns.buffer_size) if ns.mode == "async" else 1,
     )
     return run(
         RunOptions(

@@ -17,6 +17,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -116,29 +117,45 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}" if value and math.isfinite(value) else "-"
 
 
+def enum_name(value: int, enum: Any, prefix: str) -> str:
+    """An hfl.v1 enum value as a short lower-case word (FEDERATION_STATE_DONE -> done)."""
+    try:
+        name: str = enum.Name(value)
+    except ValueError:
+        return str(value)
+    return name.removeprefix(prefix).lower()
+
+
 def format_status(s: aggregator_pb2.GetStatusResponse, last_rounds: int = 10) -> str:
+    state = enum_name(s.state, aggregator_pb2.FederationState, "FEDERATION_STATE_")
+    mode = enum_name(s.mode, aggregator_pb2.AggregationMode, "AGGREGATION_MODE_")
+    if s.mode == aggregator_pb2.AGGREGATION_MODE_ASYNC:
+        mode += f" (buffer {s.buffer_size})"
     lines = [
-        f"federation {s.federation_id}: {s.state}, round {s.round}/{s.total_rounds}, "
+        f"federation {s.federation_id}: {state}, round {s.round}/{s.total_rounds}, "
         f"model version {s.model_version}",
         f"plan sha256 {s.plan_sha256}",
-        f"model {s.model}, strategy {s.strategy}",
-        "",
-        "trainers:",
+        f"model {s.model}, strategy {s.strategy}, mode {mode}",
     ]
+    if s.failure:
+        lines.append(f"failed: {s.failure}")
+    lines += ["", "trainers:"]
     for t in s.trainers:
-        seen = dt.datetime.fromtimestamp(t.last_seen_unix_ms / 1000, dt.UTC)
+        seen = t.last_seen.ToDatetime(dt.UTC)
+        t_state = enum_name(t.state, aggregator_pb2.TrainerState, "TRAINER_STATE_")
         lines.append(
-            f"  {t.label:<12} {t.trainer_id:<16} {t.state:<6} updates {t.updates_accepted} "
+            f"  {t.label:<12} {t.trainer_id:<16} {t_state:<6} updates {t.updates_accepted} "
             f"(refused {t.updates_refused})  examples {t.num_examples}  "
             f"last seen {seen:%H:%M:%S}  MRENCLAVE {t.mrenclave[:16]}…"
         )
     shown = list(s.rounds)[-last_rounds:] if last_rounds > 0 else list(s.rounds)
     lines += ["", f"rounds (last {len(shown)} of {len(s.rounds)}):"]
     for r in shown:
+        r_state = enum_name(r.state, aggregator_pb2.RoundState, "ROUND_STATE_")
         lines.append(
-            f"  {r.round:>4} {r.state:<9} updates {r.updates}  train loss {_fmt(r.train_loss)}  "
+            f"  {r.round:>4} {r_state:<9} updates {r.updates}  train loss {_fmt(r.train_loss)}  "
             f"eval loss {_fmt(r.eval_loss)}  accuracy {_fmt(r.eval_accuracy)}"
-            + (f"  ({r.failure_reason})" if r.failure_reason else "")
+            + (f"  ({r.failure_message})" if r.failure_message else "")
         )
     return "\n".join(lines)
 

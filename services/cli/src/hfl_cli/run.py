@@ -342,16 +342,22 @@ def _follow(
                 raise UnavailableError(f"aggregator Status failed: {code}: {err}") from None
             for r in status.rounds:
                 key = (r.round, r.attempt)
-                settled = r.state == "failed" or (
-                    r.state == "completed"
-                    and (r.eval_examples > 0 or status.round > r.round or status.state == "done")
+                settled = r.state == aggregator_pb2.ROUND_STATE_FAILED or (
+                    r.state == aggregator_pb2.ROUND_STATE_COMPLETED
+                    and (
+                        r.eval_examples > 0
+                        or status.round > r.round
+                        or status.state == aggregator_pb2.FEDERATION_STATE_DONE
+                    )
                 )
                 if key not in shown and settled:
                     shown.add(key)
                     _say(_round_line(r, status.total_rounds))
-            if status.state == "failed":
-                raise FederationError("the federation failed; see the aggregator's log")
-            if status.state == "done":
+            if status.state == aggregator_pb2.FEDERATION_STATE_FAILED:
+                raise FederationError(
+                    f"the federation failed: {status.failure}; see the aggregator's log"
+                )
+            if status.state == aggregator_pb2.FEDERATION_STATE_DONE:
                 return status
             if all(s.process.poll() is not None for s in supervisor.services[2:]):
                 supervisor.check_alive()
@@ -367,29 +373,30 @@ def _fmt(value: float, spec: str = ".4f") -> str:
 
 
 def _round_line(r: aggregator_pb2.RoundSummary, total: int) -> str:
-    if r.state == "failed":
-        return f"round {r.round:>3}/{total}  attempt {r.attempt} failed: {r.failure_reason}"
+    if r.state == aggregator_pb2.ROUND_STATE_FAILED:
+        return f"round {r.round:>3}/{total}  attempt {r.attempt} failed: {r.failure_message}"
     return (
         f"round {r.round:>3}/{total}  {r.updates} updates  train loss {_fmt(r.train_loss)}  "
         f"eval loss {_fmt(r.eval_loss)}  accuracy {_fmt(r.eval_accuracy)}  "
-        f"({r.duration_seconds:.1f} s)"
+        f"({r.duration.ToTimedelta().total_seconds():.1f} s)"
     )
 
 
 def _report(workdir: Path, status: aggregator_pb2.GetStatusResponse, opts: RunOptions) -> int:
-    rows = [r for r in status.rounds if r.state == "completed"]
+    rows = [r for r in status.rounds if r.state == aggregator_pb2.ROUND_STATE_COMPLETED]
     _say("")
     _say(" round | updates | train loss | eval loss | accuracy | seconds")
     _say("-------+---------+------------+-----------+----------+--------")
     for r in rows:
         _say(
             f" {r.round:>5} | {r.updates:>7} | {_fmt(r.train_loss):>10} | "
-            f"{_fmt(r.eval_loss):>9} | {_fmt(r.eval_accuracy):>8} | {r.duration_seconds:>6.1f}"
+            f"{_fmt(r.eval_loss):>9} | {_fmt(r.eval_accuracy):>8} | "
+            f"{r.duration.ToTimedelta().total_seconds():>6.1f}"
         )
     records: list[dict[str, Any]] = [
         {"round": r.round, "updates": r.updates, "train_loss": r.train_loss,
          "eval_loss": r.eval_loss, "eval_accuracy": r.eval_accuracy,
-         "seconds": r.duration_seconds}
+         "seconds": r.duration.ToTimedelta().total_seconds()}
         for r in rows
     ]  # fmt: skip
     (workdir / "rounds.json").write_text(json.dumps(records, indent=2))

@@ -794,6 +794,7 @@ def connect_verified(
     expected_user_data: bytes | None = None,
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
     options: tuple[tuple[str, Any], ...] = (),
+    on_verified: Callable[[Verdict], None] | None = None,
 ) -> grpc.Channel:
     """A channel to `target` after re-verifying the server's attested certificate.
 
@@ -830,6 +831,8 @@ def connect_verified(
                 f"{credentials_role(credentials)}'s plan {expected.hex()}",
                 "user_data_mismatch",
             )
+    if on_verified is not None:
+        on_verified(verdict)  # e.g. the trainer's Status shows the aggregator's MRENCLAVE
     return make_channel(
         target,
         credentials.channel_credentials(),

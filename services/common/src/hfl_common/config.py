@@ -2,7 +2,9 @@
 
 Both are TOML files that the parties agree on. Each is parsed once, in main(),
 and passed down. An invalid file gives one ConfigError naming the file and the
-key ("plan.toml: [strategy] trim_fraction must be in [0, 0.5), got 0.7").
+key ("plan.toml: [strategy] strategy 'trimmed_mean' parameter 'beta' must be
+in [0, 0.5), got 0.7"). Strategy parameters are resolved (defaults filled in,
+by hfl_common.strategy_registry) before the plan is hashed.
 
 The canonical form of the plan (sorted-key JSON of the parsed values, see
 `FederationPlan.canonical_json`) is what gets hashed into the aggregator's
@@ -23,22 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from hfl_common.errors import ConfigError
+from hfl_common.strategy_registry import STRATEGY_NAMES, check_mode, resolve_params
 
 ROLES = ("attestation", "aggregator", "trainer")
 
-STRATEGIES = (
-    "fedsgd",
-    "fedavg",
-    "fedavgm",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedprox",
-    "median",
-    "trimmed_mean",
-    "krum",
-    "multikrum",
-)
+# The strategy names, parameters and defaults: hfl_common.strategy_registry.
+STRATEGIES = STRATEGY_NAMES
 MODELS = ("small_cnn", "resnet20", "resnet56", "resnet50")
 DATASETS = ("digits", "cifar10", "synthetic")
 ENCODINGS = ("raw", "float16", "bfloat16", "int8")
@@ -332,8 +324,8 @@ class TrainingPlan:
 @dataclass(frozen=True)
 class StrategyPlan:
     name: str
-    # Checked by the aggregator's strategy factory, which knows each strategy's
-    # parameters (server_lr, momentum, beta1, beta2, tau, proximal_mu, beta, f, m, ...).
+    # Every parameter of the strategy, checked and with defaults filled in by
+    # hfl_common.strategy_registry when the plan is parsed: the plan hash covers them.
     params: Mapping[str, float | int | str]
 
 
@@ -344,12 +336,39 @@ class UpdatePlan:
     max_norm: float
     # Scale down, rather than refuse, updates over max_norm.
     clip: bool
+    # Refuse an aggregate that moves the global model by more than this L2 norm
+    # (0 = only check that it is finite).
+    max_aggregate_norm: float = 0.0
 
 
 @dataclass(frozen=True)
 class PrivacyPlan:
     clip_norm: float
     noise_multiplier: float
+
+
+STALENESS_RULES = ("constant", "polynomial", "hinge")
+
+
+@dataclass(frozen=True)
+class AsyncPlan:
+    """Asynchronous aggregation (federation.mode = "async"): the [async] table.
+
+    The server buffers `buffer_size` updates and applies them together (1: apply
+    each update as it arrives, the reference's asynchronous parameter server;
+    K > 1: FedBuff, Nguyen et al. AISTATS 2022). An update computed from model
+    version v arriving when the model is at version V has staleness tau = V - v;
+    its weight is num_examples * s(tau), with s given by `staleness`:
+    constant 1; polynomial (1 + tau)^-exponent; hinge 1 for tau <= hinge_b, else
+    1 / (hinge_a * (tau - hinge_b) + 1). Updates with tau > max_staleness are refused.
+    """
+
+    buffer_size: int = 1
+    staleness: str = "polynomial"
+    exponent: float = 0.5
+    hinge_a: float = 10.0
+    hinge_b: int = 4
+    max_staleness: int = 10
 
 
 @dataclass(frozen=True)
@@ -369,6 +388,15 @@ class FederationPlan:
     update: UpdatePlan
     privacy: PrivacyPlan
     canonical: Mapping[str, Any] = field(repr=False, default_factory=dict)
+    # "sync" (rounds with a barrier) or "async" (a buffer, see AsyncPlan); in async
+    # mode `rounds` counts model versions (applied buffers).
+    mode: str = "sync"
+    asynchronous: AsyncPlan = field(default_factory=AsyncPlan)
+    # A trainer not heard from for this long is lost: not sampled, and a round it
+    # was sampled for goes on without it.
+    liveness_seconds: float = 60.0
+    # The voting unit is the party: at most this many of its trainers are active.
+    max_trainers_per_party: int = 1
 
     @property
     def update_kind(self) -> str:
@@ -409,6 +437,9 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
     timeout = fed.get_float("round_timeout_seconds", default=300.0, lo=1.0)
     retries = fed.get_int("max_round_retries", default=2, lo=0)
     seed = fed.get_int("seed", default=0, lo=0)
+    mode = fed.get_str("mode", default="sync", choices=("sync", "async"))
+    liveness = fed.get_float("liveness_seconds", default=60.0, lo=1.0)
+    per_party = fed.get_int("max_trainers_per_party", default=1, lo=1)
     fed.finish()
 
     m = top.table("model", required=True)
@@ -460,12 +491,18 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
         params[key] = value
         s.used.add(key)
     s.finish()
+    try:
+        params = resolve_params(strategy_name, params)
+        check_mode(strategy_name, mode)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: [strategy] {exc}") from None
 
     u = top.table("update")
     update = UpdatePlan(
         encoding=u.get_str("encoding", default="raw", choices=ENCODINGS),
         max_norm=u.get_float("max_norm", default=0.0, lo=0.0),
         clip=u.get_bool("clip", False),
+        max_aggregate_norm=u.get_float("max_aggregate_norm", default=0.0, lo=0.0),
     )
     u.finish()
 
@@ -477,6 +514,19 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
     if privacy.noise_multiplier > 0 and privacy.clip_norm == 0:
         raise p.error("noise_multiplier", "needs clip_norm > 0 (noise is scaled to the clip norm)")
     p.finish()
+
+    a = top.table("async")
+    asynchronous = AsyncPlan(
+        buffer_size=a.get_int("buffer_size", default=1, lo=1),
+        staleness=a.get_str("staleness", default="polynomial", choices=STALENESS_RULES),
+        exponent=a.get_float("exponent", default=0.5, lo=0.0),
+        hinge_a=a.get_float("hinge_a", default=10.0, lo=0.0),
+        hinge_b=a.get_int("hinge_b", default=4, lo=0),
+        max_staleness=a.get_int("max_staleness", default=10, lo=0),
+    )
+    a.finish()
+    if mode == "sync" and a.data:
+        raise a.error(sorted(a.data)[0], 'applies only with federation.mode = "async"')
     top.finish()
 
     canonical = {
@@ -489,6 +539,9 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
             "round_timeout_seconds": timeout,
             "max_round_retries": retries,
             "seed": seed,
+            "mode": mode,
+            "liveness_seconds": liveness,
+            "max_trainers_per_party": per_party,
         },
         "model": {
             "name": model_name,
@@ -504,6 +557,8 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
         "update": update.__dict__,
         "privacy": privacy.__dict__,
     }
+    if mode == "async":
+        canonical["async"] = asynchronous.__dict__
     return FederationPlan(
         name=name,
         rounds=rounds,
@@ -527,6 +582,10 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
         update=update,
         privacy=privacy,
         canonical=canonical,
+        mode=mode,
+        asynchronous=asynchronous,
+        liveness_seconds=liveness,
+        max_trainers_per_party=per_party,
     )
 
 

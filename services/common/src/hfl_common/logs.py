@@ -3,10 +3,10 @@
 `configure_logging` installs one handler on the root logger, writing to stderr:
 
 - JSON lines when stderr is not a terminal (containers, CI, log shippers) or when asked:
-  ``{"ts": "2025-01-31T12:00:00.123Z", "level": "INFO", "logger": "hfl_aggregator.rounds",
+  ``{"ts": "2025-01-31T12:00:00.123Z", "level": "INFO", "logger": "hfl_aggregator.engine",
   "service": "aggregator", "msg": "round 3 closed", "round": 3}`` where every field given
   through ``extra={...}`` becomes a key, and a traceback goes to "exc".
-- Human-readable lines otherwise: ``12:00:00.123 INFO  aggregator hfl_aggregator.rounds:
+- Human-readable lines otherwise: ``12:00:00.123 INFO  aggregator hfl_aggregator.engine:
   round 3 closed round=3``.
 
 Code logs with ``logging.getLogger(__name__)`` and lazy arguments

@@ -71,6 +71,7 @@ from hfl_common.errors import (
     HflError,
     PermissionDeniedError,
     UnauthenticatedError,
+    rich_status,
 )
 from hfl_common.metrics import GrpcServerMetrics, register_build_info
 
@@ -443,7 +444,7 @@ class _CallObserver:
                 err,
                 extra={"peer": _peer(context)},
             )
-            context.abort(err.code, str(err))
+            context.abort_with_status(rich_status(err))  # code, message and ErrorInfo
         code = _context_code(context)
         if code is not None and code != grpc.StatusCode.OK:
             # the handler called context.abort() itself: its status stands

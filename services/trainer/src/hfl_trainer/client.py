@@ -6,31 +6,41 @@ time (its measurement under the policy and the plan hash in its evidence),
 so after an aggregator restart (a new enclave key) the client verifies the new
 instance before it sends it anything. Calls that fail with UNAVAILABLE are
 retried with exponential backoff and full jitter; a lost session (aggregator
-restarted) means joining again.
+restarted) means joining again. Refusals are told apart by their
+google.rpc.ErrorInfo reason (`hfl_common.errors.error_reason`), never by
+their message. While it trains or evaluates, the client calls KeepAlive as
+often as the task asks, so the aggregator knows it is alive.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.duration_pb2 import Duration
 
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
 from hfl_common.codec import collect_stream, encode_tensors, iter_upload_messages, specs_of
 from hfl_common.config import FederationPlan
-from hfl_common.errors import FailedPreconditionError, HflError, UnavailableError
+from hfl_common.errors import (
+    FailedPreconditionError,
+    HflError,
+    UnavailableError,
+    error_reason,
+)
 from hfl_trainer.metrics import TrainerMetrics
 from hfl_trainer.privacy import add_gaussian_noise, clip_update
-from hfl_trainer.progress import ProgressReporter
+from hfl_trainer.progress import BatchProgress, ProgressReporter
 from hfl_trainer.training import LocalTrainer
 
 log = logging.getLogger(__name__)
@@ -86,6 +96,7 @@ class FederationClient:
         state: TrainerState | None = None,
         on_round: Callable[[int], None] | None = None,
         metrics: TrainerMetrics | None = None,
+        step_delay: float = 0.0,
     ) -> None:
         self._plan = plan
         self._trainer = trainer
@@ -102,6 +113,10 @@ class FederationClient:
         self._stub: aggregator_pb2_grpc.AggregatorServiceStub | None = None
         self._session = ""
         self._stop = threading.Event()
+        # Asynchronous federations: train on whatever model is current (JoinResponse.mode).
+        self._async = False
+        # Seconds slept after every local batch: an injected slow machine (benchmarks).
+        self._step_delay = step_delay
 
     def stop(self) -> None:
         """Ask run() to return at its next step (a call in flight is not interrupted)."""
@@ -168,7 +183,6 @@ class FederationClient:
             log.info("stopped before the federation finished (%s)", _describe(err))
 
     def _run(self) -> None:
-        last_task = ""
         while not self._stop.is_set():
             if not self._session:
                 self._join()
@@ -178,34 +192,38 @@ class FederationClient:
                     lambda s: s.GetTask(
                         aggregator_pb2.GetTaskRequest(
                             session_id=self._session,
-                            last_task_id=last_task,  # noqa: B023 (called at once)
-                            wait_seconds=_POLL_SECONDS,
+                            max_wait=Duration(seconds=_POLL_SECONDS),
                         ),
                         timeout=_POLL_SECONDS + 15,
                     ),
                 )
             except grpc.RpcError as err:
-                if _code(err) is grpc.StatusCode.NOT_FOUND:
+                reason = error_reason(err)
+                if reason == "UNKNOWN_SESSION":
                     log.info("aggregator lost our session (it restarted?); joining again")
                     self._session = ""
                     continue
+                if reason == "FEDERATION_FAILED":
+                    self._finish(failure=_details(err))
+                    return
                 raise
             task = response.task
             kind = task.kind
             if kind == aggregator_pb2.TASK_KIND_DONE:
-                self._finish(task)
+                self._finish()
                 return
             if kind == aggregator_pb2.TASK_KIND_WAIT:
                 self._set(state="waiting")
                 continue
             try:
-                if kind == aggregator_pb2.TASK_KIND_TRAIN:
-                    self._train(task)
-                elif kind == aggregator_pb2.TASK_KIND_EVALUATE:
-                    self._evaluate(task)
+                with self._keep_alive(task):
+                    if kind == aggregator_pb2.TASK_KIND_TRAIN:
+                        self._train(task)
+                    elif kind == aggregator_pb2.TASK_KIND_EVALUATE:
+                        self._evaluate(task)
             except grpc.RpcError as err:
                 code = _code(err)
-                if code is grpc.StatusCode.NOT_FOUND:
+                if error_reason(err) == "UNKNOWN_SESSION":
                     self._session = ""
                 elif code in (
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -215,7 +233,40 @@ class FederationClient:
                     log.warning("task %s overtaken: %s", task.task_id, _details(err))
                 else:
                     raise
-            last_task = task.task_id
+
+    @contextlib.contextmanager
+    def _keep_alive(self, task: aggregator_pb2.Task) -> Iterator[None]:
+        """Call KeepAlive every `task.keep_alive_interval` while the body runs."""
+        interval = task.keep_alive_interval.ToTimedelta().total_seconds()
+        if interval <= 0:
+            yield
+            return
+        done = threading.Event()
+        session = self._session
+
+        def beat() -> None:
+            while not done.wait(interval):
+                stub = self._stub
+                if stub is None:
+                    continue
+                try:
+                    response = stub.KeepAlive(
+                        aggregator_pb2.KeepAliveRequest(session_id=session, task_id=task.task_id),
+                        timeout=max(1.0, interval),
+                    )
+                except grpc.RpcError as err:
+                    log.debug("keep-alive failed: %s", _describe(err))
+                    continue
+                if not response.task_current:
+                    log.info("task %s was overtaken while it ran", task.task_id)
+
+        thread = threading.Thread(target=beat, name="hfl-keep-alive", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def _join(self) -> None:
         self._set(state="joining")
@@ -233,6 +284,7 @@ class FederationClient:
             ),
         )
         self._session = response.session_id
+        self._async = response.mode == aggregator_pb2.AGGREGATION_MODE_ASYNC
         self._set(trainer_id=response.trainer_id, state="waiting")
         log.info(
             "joined as %s (%s); %d rounds planned",
@@ -241,8 +293,9 @@ class FederationClient:
             response.total_rounds,
         )
 
-    def _finish(self, task: aggregator_pb2.Task) -> None:
-        failed = task.message.startswith("federation failed")
+    def _finish(self, failure: str = "") -> None:
+        """The federation ended: done, or failed (`failure` is the aggregator's reason)."""
+        failed = bool(failure)
         self._set(state="failed" if failed else "done")
         try:
             self._call(
@@ -254,7 +307,7 @@ class FederationClient:
         except (grpc.RpcError, HflError) as err:
             log.debug("leave failed: %s", err)
         if failed:
-            raise FailedPreconditionError(task.message)
+            raise FailedPreconditionError(failure, "federation_failed")
         log.info("federation done")
 
     # --------------------------------------------------------------- model
@@ -274,32 +327,35 @@ class FederationClient:
         return self._call("download the global model", fetch)
 
     def _train(self, task: aggregator_pb2.Task) -> None:
+        params = task.train
         self._set(state="training", round=task.round)
-        version, weights = self._download(task.model_version)
+        # Asynchronous mode has no barrier: train on the newest model there is (its
+        # version goes into the update header, and the aggregator weighs its staleness).
+        version, weights = self._download(0 if self._async else task.model_version)
         self._set(model_version=version)
-        if task.update_kind == aggregator_pb2.UPDATE_KIND_GRADIENT:
-            g = self._trainer.compute_gradient(weights, int(task.seed))
+        if params.update_kind == aggregator_pb2.UPDATE_KIND_GRADIENT:
+            g = self._trainer.compute_gradient(weights, int(params.seed))
             # Gradients for trainable variables; the new values of non-trainable ones
             # (BatchNorm statistics), which the aggregator averages rather than steps.
-            update = self._privatize(task, g.gradients)
+            update = self._privatize(params.privacy, g.gradients)
             update.update(g.non_trainable)
             update = {name: update[name] for name in weights}
             num_examples, loss, accuracy = g.num_examples, g.loss, math.nan
         else:
             result = self._trainer.train_delta(
                 weights,
-                epochs=max(1, task.local_epochs),
-                proximal_mu=task.proximal_mu,
-                on_batch=self._progress.on_batch if self._progress else None,
+                epochs=max(1, params.local_epochs),
+                proximal_mu=params.proximal_mu,
+                on_batch=self._on_batch,
             )
             update = result.delta
             num_examples, loss, accuracy = result.num_examples, result.loss, result.accuracy
             if self._metrics is not None:
                 self._metrics.examples_per_second.set(result.examples_per_second)
-                self._metrics.examples.inc(result.num_examples * max(1, task.local_epochs))
+                self._metrics.examples.inc(result.num_examples * max(1, params.local_epochs))
             if self._progress is not None:
                 self._progress.round_finished(task.round, result)
-            update = self._privatize(task, update)
+            update = self._privatize(params.privacy, update)
         self._set(last_train_loss=loss)
         self._upload(task, version, update, num_examples, loss, accuracy)
         if self._metrics is not None:
@@ -309,12 +365,17 @@ class FederationClient:
         if self._on_round is not None:
             self._on_round(task.round)
 
+    def _on_batch(self, progress: BatchProgress) -> None:
+        if self._progress is not None:
+            self._progress.on_batch(progress)
+        if self._step_delay > 0:
+            time.sleep(self._step_delay)
+
     @staticmethod
     def _privatize(
-        task: aggregator_pb2.Task, update: dict[str, np.ndarray]
+        privacy: aggregator_pb2.PrivacyConfig, update: dict[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
         """Client-side DP as the plan asks: clip the update's L2 norm, add Gaussian noise."""
-        privacy = task.privacy
         if privacy.clip_norm <= 0:
             return dict(update)
         clipped, norm = clip_update(update, privacy.clip_norm)
@@ -338,12 +399,12 @@ class FederationClient:
             task_id=task.task_id,
             round=task.round,
             base_model_version=version,
-            kind=task.update_kind,
+            kind=task.train.update_kind,
             num_examples=num_examples,
             train_loss=loss,
             train_accuracy=accuracy,
         )
-        encoding = task.update_encoding or tensor_pb2.ENCODING_RAW
+        encoding = task.train.update_encoding or tensor_pb2.ENCODING_RAW
         metrics = self._metrics
 
         def send(
@@ -360,7 +421,14 @@ class FederationClient:
 
         response = self._call("upload the update", send)
         log.info(
-            "round %d: update accepted (model version %d)", response.round, response.model_version
+            "round %d: update %s (base model version %d, model version %d, staleness %d)",
+            response.round,
+            aggregator_pb2.UpdateDisposition.Name(response.disposition)
+            .removeprefix("UPDATE_DISPOSITION_")
+            .lower(),
+            response.base_model_version,
+            response.model_version,
+            response.staleness,
         )
 
     def _evaluate(self, task: aggregator_pb2.Task) -> None:

@@ -7,6 +7,10 @@ model, checked against the plan's model spec (the first mismatch is named)
 -> before anything is sent: verify the aggregator's quote under the policy
 and that the plan hash in its evidence is this trainer's plan -> join and
 work until the federation is done (exit 0) or fails (exit 1).
+
+Everything after the flags is `build_trainer` (beside the aggregator's
+`build_aggregator`), which returns a SERVING `RunningTrainer`; its
+`run_federation()` is the federation loop.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -37,7 +42,8 @@ from hfl_common.runtime import (
     split_listen,
     write_port_file,
 )
-from hfl_common.server import ServerConfig, ServiceRegistration, build_server
+from hfl_common.server import RunningServer, ServerConfig, ServiceRegistration, build_server
+from hfl_common.tee.verify import Verdict
 from hfl_trainer import data as data_lib
 from hfl_trainer.client import Backoff, FederationClient, TrainerState
 from hfl_trainer.metrics import TrainerMetrics
@@ -62,6 +68,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-partitions", type=int, default=1, help="partitions in a local run")
     p.add_argument(
         "--give-up-after", type=float, default=300.0, help="seconds without the aggregator"
+    )
+    p.add_argument(
+        "--step-delay",
+        type=float,
+        default=0.0,
+        help="seconds to sleep after every local batch: simulates a slow machine (benchmarks)",
     )
     return p
 
@@ -103,6 +115,11 @@ class TrainerStatusServicer(aggregator_pb2_grpc.TrainerServiceServicer):
         self._examples = examples
         self.aggregator_mrenclave = ""
 
+    def record_aggregator(self, verdict: Verdict) -> None:
+        """Remember the MRENCLAVE of the aggregator the trainer last verified."""
+        if verdict.measurements is not None:
+            self.aggregator_mrenclave = verdict.measurements.mrenclave.hex()
+
     def GetStatus(  # noqa: N802 (gRPC method name)
         self,
         request: aggregator_pb2.TrainerServiceGetStatusRequest,
@@ -113,7 +130,9 @@ class TrainerStatusServicer(aggregator_pb2_grpc.TrainerServiceServicer):
             return aggregator_pb2.TrainerServiceGetStatusResponse(
                 trainer_id=s.trainer_id,
                 label=self._label,
-                state=s.state,
+                state=aggregator_pb2.TrainerPhase.Value(  # type: ignore[arg-type]
+                    f"TRAINER_PHASE_{s.state.upper()}"
+                ),
                 round=s.round,
                 model_version=s.model_version,
                 last_train_loss=s.last_train_loss,
@@ -123,11 +142,90 @@ class TrainerStatusServicer(aggregator_pb2_grpc.TrainerServiceServicer):
             )
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    ns = parse_service_args(parser(), argv)
-    configure_logging(f"trainer:{ns.label}", ns.log_level, True if ns.log_json else None)
-    plan = load_plan(ns.plan)
-    partition = load_partition(plan, ns.data_dir, ns.trainer_index, ns.num_partitions)
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Everything a trainer is built from. Made once from flags (`from_args`) or by a test."""
+
+    enclave: EnclaveOptions
+    plan_path: Path
+    attestation: str
+    aggregator: str
+    label: str = "trainer"
+    data_dir: Path | None = None
+    trainer_index: int = 0
+    num_partitions: int = 1
+    listen: str = "127.0.0.1:0"
+    metrics_listen: str = "127.0.0.1:0"
+    give_up_after: float = 300.0
+    step_delay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.step_delay < 0:
+            raise ConfigError(f"--step-delay {self.step_delay} must be at least 0")
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> TrainerConfig:
+        return cls(
+            enclave=EnclaveOptions.from_args("trainer", ns),
+            plan_path=ns.plan,
+            attestation=ns.attestation,
+            aggregator=ns.aggregator,
+            label=ns.label,
+            data_dir=ns.data_dir,
+            trainer_index=ns.trainer_index,
+            num_partitions=ns.num_partitions,
+            listen=ns.listen,
+            metrics_listen=ns.metrics_listen,
+            give_up_after=ns.give_up_after,
+            step_delay=ns.step_delay,
+        )
+
+
+@dataclass
+class RunningTrainer:
+    """A started trainer serving its Status; `run_federation()` takes part until the end."""
+
+    server: RunningServer
+    client: FederationClient
+    state: TrainerState
+    plan: FederationPlan
+    config: TrainerConfig
+    num_examples: int
+    held_out: int
+    metrics_port: int
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def run_federation(self) -> BaseException | None:
+        """Join and work until the federation ends (or stop()); the error it ended with."""
+        outcome: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self.client.run()
+            except BaseException as exc:  # reported by the caller
+                outcome.append(exc)
+            finally:
+                self.server.stop()
+
+        threading.Thread(target=work, name="hfl-trainer-loop", daemon=True).start()
+        self.server.wait()
+        return outcome[0] if outcome else None
+
+    def stop(self, grace: float | None = None) -> None:
+        self.server.stop(grace)
+
+
+def build_trainer(config: TrainerConfig, registry: CollectorRegistry) -> RunningTrainer:
+    """Data, model, enclave, certificate and the Status server; returns once SERVING.
+
+    The aggregator is not contacted yet: `run_federation()` verifies it (quote and plan
+    hash) before anything is sent. Raises ConfigError or what attestation raises.
+    """
+    plan = load_plan(config.plan_path)
+    partition = load_partition(plan, config.data_dir, config.trainer_index, config.num_partitions)
     model = build_model(plan.model.name, plan.model.input_shape, plan.model.num_classes, plan.seed)
     initial = load_weights_file(plan.model.initial_weights)
     check_specs(
@@ -142,16 +240,15 @@ def _main(argv: Sequence[str] | None) -> int:
         plan.training.batch_size,
         plan.training.learning_rate,
         optimizer="adam" if plan.training.optimizer == "adam" else "sgd",
-        seed=plan.seed + ns.trainer_index,
+        seed=plan.seed + config.trainer_index,
     )
-    registry = CollectorRegistry()
     metrics = TrainerMetrics.create(registry)
-    enclave = Enclave.open(EnclaveOptions.from_args("trainer", ns), registry)
-    credentials, renewer, pinned = enclave.attest(ns.attestation, ns.label)
+    enclave = Enclave.open(config.enclave, registry)
+    credentials, renewer, pinned = enclave.attest(config.attestation, config.label)
     state = TrainerState()
-    status = TrainerStatusServicer(state, ns.label, trainer.num_examples)
+    status = TrainerStatusServicer(state, config.label, trainer.num_examples)
     peers = enclave.peer_verifier()
-    host, port = split_listen(ns.listen)
+    host, port = split_listen(config.listen)
     server = build_server(
         ServerConfig(service="trainer", host=host, port=port, max_workers=4),
         services=[
@@ -165,7 +262,7 @@ def _main(argv: Sequence[str] | None) -> int:
             {f"/{SERVICE_NAME}/GetStatus": frozenset({"operator"})}, peers
         ),
     )
-    m_host, m_port = split_listen(ns.metrics_listen)
+    m_host, m_port = split_listen(config.metrics_listen)
     metrics_port, stop_metrics = start_metrics_http(
         registry, m_host, m_port, ready=lambda: server.serving
     )
@@ -173,11 +270,12 @@ def _main(argv: Sequence[str] | None) -> int:
     def connect() -> grpc.Channel:
         # Re-attests the aggregator on every (re)connection, plan hash included.
         return connect_verified(
-            ns.aggregator,
+            config.aggregator,
             credentials,
             enclave.verifier,
             "aggregator",
             expected_user_data=plan.sha256,
+            on_verified=status.record_aggregator,
         )
 
     client = FederationClient(
@@ -185,53 +283,58 @@ def _main(argv: Sequence[str] | None) -> int:
         trainer,
         lambda: get_weights(model),
         connect,
-        label=ns.label,
+        label=config.label,
         progress=ProgressReporter(),
         state=state,
         metrics=metrics,
-        backoff=Backoff(give_up_after=ns.give_up_after),
+        backoff=Backoff(give_up_after=config.give_up_after),
+        step_delay=config.step_delay,
     )
     server.add_shutdown_hook(stop_metrics)
     server.add_shutdown_hook(pinned.close)
     server.add_shutdown_hook(renewer.stop)
     server.add_shutdown_hook(client.stop)
-    server.install_signal_handlers()
     server.set_serving(True)
-    write_port_file(ns.port_file, server.port, metrics_port)
+    return RunningTrainer(
+        server=server,
+        client=client,
+        state=state,
+        plan=plan,
+        config=config,
+        num_examples=trainer.num_examples,
+        held_out=len(partition.y_test),
+        metrics_port=metrics_port,
+    )
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    ns = parse_service_args(parser(), argv)
+    configure_logging(f"trainer:{ns.label}", ns.log_level, True if ns.log_json else None)
+    running = build_trainer(TrainerConfig.from_args(ns), CollectorRegistry())
+    running.server.install_signal_handlers()
+    write_port_file(ns.port_file, running.port, running.metrics_port)
     log.info(
         "trainer %s serving status on :%d (metrics :%d); %d training examples, %d held out",
         ns.label,
-        server.port,
-        metrics_port,
-        trainer.num_examples,
-        len(partition.y_test),
+        running.port,
+        running.metrics_port,
+        running.num_examples,
+        running.held_out,
     )
-    outcome: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            client.run()
-        except BaseException as exc:  # reported by the main thread
-            outcome.append(exc)
-        finally:
-            server.stop()
-
-    threading.Thread(target=work, name="hfl-trainer-loop", daemon=True).start()
-    server.wait()
-    if outcome:
-        exc = outcome[0]
-        if isinstance(exc, FailedPreconditionError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        if isinstance(exc, grpc.RpcError):
-            # A refusal the client does not retry (PERMISSION_DENIED, INVALID_ARGUMENT...).
-            code = exc.code().name if isinstance(exc, grpc.Call) else "error"
-            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-            print(f"error: the aggregator at {ns.aggregator} answered {code}: {details}",
-                  file=sys.stderr)  # fmt: skip
-            return 2
-        raise exc
-    return 0
+    exc = running.run_federation()
+    if exc is None:
+        return 0
+    if isinstance(exc, FailedPreconditionError):
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if isinstance(exc, grpc.RpcError):
+        # A refusal the client does not retry (PERMISSION_DENIED, INVALID_ARGUMENT...).
+        code = exc.code().name if isinstance(exc, grpc.Call) else "error"
+        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        print(f"error: the aggregator at {ns.aggregator} answered {code}: {details}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    raise exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,7 +1,6 @@
 """Aggregation strategies: pure numpy rules (`aggregate`) behind a small interface (`strategy`)."""
 
 from hfl_aggregator.strategies.strategy import (
-    STRATEGY_NAMES,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -17,8 +16,8 @@ from hfl_aggregator.strategies.strategy import (
     TrimmedMean,
     UpdateKind,
     make_strategy,
-    resolve_params,
 )
+from hfl_common.strategy_registry import STRATEGY_NAMES, resolve_params
 
 __all__ = [
     "STRATEGY_NAMES",

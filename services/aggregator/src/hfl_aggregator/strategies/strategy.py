@@ -10,8 +10,7 @@ weights and never modifies the arrays it is given; its optimizer state
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -19,12 +18,12 @@ import numpy as np
 
 from hfl_aggregator.accumulate import Array, UpdateSource, Weights
 from hfl_aggregator.strategies import aggregate as agg
-from hfl_common.errors import ConfigError, InvalidArgumentError
+from hfl_common.errors import InvalidArgumentError
+from hfl_common.strategy_registry import STRATEGY_NAMES, ParamValue, resolve_params
 
 logger = logging.getLogger(__name__)
 
 UpdateKind = Literal["gradient", "delta"]
-ParamValue = float | int | str
 
 
 @dataclass(frozen=True)
@@ -347,7 +346,11 @@ ServerOptimizer = Literal["sgd", "adam"]
 
 class FedSGD(_WithMoments):
     """The parameter-server workflow: trainers send gradients; the server
-    averages them (weighted by examples) and takes one optimizer step."""
+    averages them (weighted by examples) and takes one optimizer step.
+
+    Variables named in `non_trainable` (BatchNorm moving statistics) carry their
+    new values, not gradients, in the update: their new global value is the
+    weighted mean, and the optimizer does not step them."""
 
     name: str = "fedsgd"
     needs_all_updates: bool = False
@@ -360,7 +363,9 @@ class FedSGD(_WithMoments):
         beta1: float = 0.9,
         beta2: float = 0.999,
         epsilon: float = 1e-7,
+        non_trainable: Sequence[str] = (),
     ) -> None:
+        self.non_trainable = frozenset(non_trainable)
         self.optimizer = optimizer
         self.server_lr = server_lr
         self.momentum = momentum
@@ -376,12 +381,19 @@ class FedSGD(_WithMoments):
     def aggregate(self, global_weights: Weights, updates: UpdateSource) -> Weights:
         _check_same_model(global_weights, updates)
         grads = updates.mean()
+        missing = sorted(self.non_trainable - set(global_weights))
+        if missing:
+            raise InvalidArgumentError(f"non-trainable variables {missing} are not in the model")
         new: Weights = {}
         if self.optimizer == "sgd":
             self._moments.ensure(global_weights, {"velocity": _zeros})
             velocity = self._moments.buffers["velocity"]
             new_velocity: dict[str, Array] = {}
             for name, w in global_weights.items():
+                if name in self.non_trainable:
+                    new[name] = grads[name].astype(w.dtype)
+                    new_velocity[name] = velocity[name]
+                    continue
                 new[name], new_velocity[name] = agg.sgd_momentum_step(
                     w, grads[name], velocity[name], self.server_lr, self.momentum
                 )
@@ -393,6 +405,10 @@ class FedSGD(_WithMoments):
             new_v: dict[str, Array] = {}
             step = self._moments.step + 1
             for name, w in global_weights.items():
+                if name in self.non_trainable:
+                    new[name] = grads[name].astype(w.dtype)
+                    new_m[name], new_v[name] = ms[name], vs[name]
+                    continue
                 new[name], new_m[name], new_v[name] = agg.bias_corrected_adam_step(
                     w,
                     grads[name],
@@ -489,139 +505,40 @@ class Krum(MultiKrum):
 # ---------------------------------------------------------------------- factory
 
 
-@dataclass(frozen=True)
-class _Param:
-    kind: type[float] | type[int] | type[str]
-    default: ParamValue
-    rule: str
-    ok: Callable[[ParamValue], bool]
-
-
-def _positive(default: float) -> _Param:
-    return _Param(float, default, "must be > 0", lambda v: float(v) > 0.0)
-
-
-def _unit(default: float) -> _Param:
-    return _Param(float, default, "must be in [0, 1)", lambda v: 0.0 <= float(v) < 1.0)
-
-
-_SERVER_LR_1 = _positive(1.0)
-_SPECS: dict[str, tuple[Callable[..., Strategy], dict[str, _Param]]] = {
-    "fedsgd": (
-        FedSGD,
-        {
-            "optimizer": _Param(
-                str, "sgd", "must be 'sgd' or 'adam'", lambda v: v in ("sgd", "adam")
-            ),
-            "server_lr": _positive(0.01),
-            "momentum": _unit(0.0),
-            "beta1": _unit(0.9),
-            "beta2": _unit(0.999),
-            "epsilon": _positive(1e-7),
-        },
-    ),
-    "fedavg": (FedAvg, {"server_lr": _SERVER_LR_1}),
-    "fedprox": (
-        FedProx,
-        {
-            "proximal_mu": _Param(float, 0.01, "must be >= 0", lambda v: float(v) >= 0.0),
-            "server_lr": _SERVER_LR_1,
-        },
-    ),
-    "fedavgm": (FedAvgM, {"server_lr": _SERVER_LR_1, "momentum": _unit(0.9)}),
-    "fedadam": (
-        FedAdam,
-        {
-            "server_lr": _positive(0.01),
-            "beta1": _unit(0.9),
-            "beta2": _unit(0.99),
-            "tau": _positive(1e-3),
-        },
-    ),
-    "fedyogi": (
-        FedYogi,
-        {
-            "server_lr": _positive(0.01),
-            "beta1": _unit(0.9),
-            "beta2": _unit(0.99),
-            "tau": _positive(1e-3),
-        },
-    ),
-    "fedadagrad": (
-        FedAdagrad,
-        {"server_lr": _positive(0.01), "beta1": _unit(0.9), "tau": _positive(1e-3)},
-    ),
-    "median": (Median, {"server_lr": _SERVER_LR_1}),
-    "trimmed_mean": (
-        TrimmedMean,
-        {
-            "beta": _Param(float, 0.1, "must be in [0, 0.5)", lambda v: 0.0 <= float(v) < 0.5),
-            "server_lr": _SERVER_LR_1,
-        },
-    ),
-    "krum": (
-        Krum,
-        {"f": _Param(int, 1, "must be >= 0", lambda v: int(v) >= 0), "server_lr": _SERVER_LR_1},
-    ),
-    "multikrum": (
-        MultiKrum,
-        {
-            "f": _Param(int, 1, "must be >= 0", lambda v: int(v) >= 0),
-            "m": _Param(int, 0, "must be >= 0 (0 = n - f)", lambda v: int(v) >= 0),
-            "server_lr": _SERVER_LR_1,
-        },
-    ),
+# Names, parameters, defaults and modes live in hfl_common.strategy_registry (the plan
+# resolves them too); this maps each name to the class that runs it.
+_CLASSES: dict[str, Callable[..., Strategy]] = {
+    "fedsgd": FedSGD,
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedavgm": FedAvgM,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "median": Median,
+    "trimmed_mean": TrimmedMean,
+    "krum": Krum,
+    "multikrum": MultiKrum,
 }
-
-STRATEGY_NAMES: tuple[str, ...] = tuple(_SPECS)
-
-
-def _coerce(strategy: str, key: str, spec: _Param, value: object) -> ParamValue:
-    where = f"strategy {strategy!r} parameter {key!r}"
-    if spec.kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(f"{where} must be finite, got {value!r}")
-    if spec.kind is int:
-        if isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return int(value)
-    return float(value)
+if set(_CLASSES) != set(STRATEGY_NAMES):  # pragma: no cover (a programming error)
+    raise ImportError(
+        f"strategy classes {sorted(_CLASSES)} do not match the registry {sorted(STRATEGY_NAMES)}"
+    )
 
 
-def resolve_params(name: str, params: Mapping[str, ParamValue]) -> dict[str, ParamValue]:
-    """Every parameter of strategy `name`, checked, with defaults filled in.
+def make_strategy(
+    name: str, params: Mapping[str, ParamValue], non_trainable: Sequence[str] = ()
+) -> Strategy:
+    """Build strategy `name` (one of STRATEGY_NAMES) from its parameters.
 
-    The result is what the strategy will run with (for the federation plan and
-    its hash). Raises ConfigError naming the strategy and parameter at fault.
+    `non_trainable` names the model's non-trainable variables (the plan's
+    model.non_trainable); only strategies fed gradients (FedSGD) treat them apart.
     """
-    entry = _SPECS.get(name)
-    if entry is None:
-        raise ConfigError(f"unknown strategy {name!r}; known: {', '.join(STRATEGY_NAMES)}")
-    specs = entry[1]
-    unknown = sorted(set(params) - set(specs))
-    if unknown:
-        raise ConfigError(
-            f"strategy {name!r} has no parameter {unknown[0]!r}; its parameters are "
-            f"{', '.join(sorted(specs))}"
-        )
-    resolved: dict[str, ParamValue] = {}
-    for key, spec in specs.items():
-        value = _coerce(name, key, spec, params[key]) if key in params else spec.default
-        if not spec.ok(value):
-            raise ConfigError(f"strategy {name!r} parameter {key!r} {spec.rule}, got {value!r}")
-        resolved[key] = value
-    return resolved
-
-
-def make_strategy(name: str, params: Mapping[str, ParamValue]) -> Strategy:
-    """Build strategy `name` (one of STRATEGY_NAMES) from its parameters."""
     resolved = resolve_params(name, params)
-    factory = _SPECS[name][0]
-    strategy = factory(**resolved)
+    factory = _CLASSES[name]
+    extra: dict[str, Sequence[str]] = (
+        {"non_trainable": tuple(non_trainable)} if name == "fedsgd" else {}
+    )
+    strategy = factory(**resolved, **extra)
     logger.debug("strategy %s with %s", name, resolved)
     return strategy

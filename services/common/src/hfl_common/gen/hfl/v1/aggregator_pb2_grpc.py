@@ -45,6 +45,11 @@ class AggregatorServiceStub:
                 request_serializer=hfl_dot_v1_dot_aggregator__pb2.GetTaskRequest.SerializeToString,
                 response_deserializer=hfl_dot_v1_dot_aggregator__pb2.GetTaskResponse.FromString,
                 _registered_method=True)
+        self.KeepAlive = channel.unary_unary(
+                '/hfl.v1.AggregatorService/KeepAlive',
+                request_serializer=hfl_dot_v1_dot_aggregator__pb2.KeepAliveRequest.SerializeToString,
+                response_deserializer=hfl_dot_v1_dot_aggregator__pb2.KeepAliveResponse.FromString,
+                _registered_method=True)
         self.DownloadModel = channel.unary_stream(
                 '/hfl.v1.AggregatorService/DownloadModel',
                 request_serializer=hfl_dot_v1_dot_aggregator__pb2.DownloadModelRequest.SerializeToString,
@@ -84,6 +89,13 @@ class AggregatorServiceServicer:
 
     def GetTask(self, request, context):
         """Long-poll for the next task.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KeepAlive(self, request, context):
+        """"Still working on this task": keeps a trainer alive while it trains or evaluates.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,6 +143,11 @@ def add_AggregatorServiceServicer_to_server(servicer, server):
                     servicer.GetTask,
                     request_deserializer=hfl_dot_v1_dot_aggregator__pb2.GetTaskRequest.FromString,
                     response_serializer=hfl_dot_v1_dot_aggregator__pb2.GetTaskResponse.SerializeToString,
+            ),
+            'KeepAlive': grpc.unary_unary_rpc_method_handler(
+                    servicer.KeepAlive,
+                    request_deserializer=hfl_dot_v1_dot_aggregator__pb2.KeepAliveRequest.FromString,
+                    response_serializer=hfl_dot_v1_dot_aggregator__pb2.KeepAliveResponse.SerializeToString,
             ),
             'DownloadModel': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadModel,
@@ -213,6 +230,33 @@ class AggregatorService:
             '/hfl.v1.AggregatorService/GetTask',
             hfl_dot_v1_dot_aggregator__pb2.GetTaskRequest.SerializeToString,
             hfl_dot_v1_dot_aggregator__pb2.GetTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KeepAlive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hfl.v1.AggregatorService/KeepAlive',
+            hfl_dot_v1_dot_aggregator__pb2.KeepAliveRequest.SerializeToString,
+            hfl_dot_v1_dot_aggregator__pb2.KeepAliveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,6 +36,8 @@ class AggregatorServiceStub:
     Join: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.JoinRequest, _aggregator_pb2.JoinResponse]
     GetTask: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.GetTaskRequest, _aggregator_pb2.GetTaskResponse]
     """Long-poll for the next task."""
+    KeepAlive: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.KeepAliveRequest, _aggregator_pb2.KeepAliveResponse]
+    """"Still working on this task": keeps a trainer alive while it trains or evaluates."""
     DownloadModel: _grpc.UnaryStreamMultiCallable[_aggregator_pb2.DownloadModelRequest, _aggregator_pb2.DownloadModelResponse]
     UploadUpdate: _grpc.StreamUnaryMultiCallable[_aggregator_pb2.UploadUpdateRequest, _aggregator_pb2.UploadUpdateResponse]
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.ReportEvaluationRequest, _aggregator_pb2.ReportEvaluationResponse]
@@ -50,6 +52,8 @@ class AggregatorServiceAsyncStub(AggregatorServiceStub):
     Join: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.JoinRequest, _aggregator_pb2.JoinResponse]  # type: ignore[assignment]
     GetTask: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.GetTaskRequest, _aggregator_pb2.GetTaskResponse]  # type: ignore[assignment]
     """Long-poll for the next task."""
+    KeepAlive: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.KeepAliveRequest, _aggregator_pb2.KeepAliveResponse]  # type: ignore[assignment]
+    """"Still working on this task": keeps a trainer alive while it trains or evaluates."""
     DownloadModel: _aio.UnaryStreamMultiCallable[_aggregator_pb2.DownloadModelRequest, _aggregator_pb2.DownloadModelResponse]  # type: ignore[assignment]
     UploadUpdate: _aio.StreamUnaryMultiCallable[_aggregator_pb2.UploadUpdateRequest, _aggregator_pb2.UploadUpdateResponse]  # type: ignore[assignment]
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.ReportEvaluationRequest, _aggregator_pb2.ReportEvaluationResponse]  # type: ignore[assignment]
@@ -73,6 +77,14 @@ class AggregatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_aggregator_pb2.GetTaskResponse, _abc.Awaitable[_aggregator_pb2.GetTaskResponse]]:
         """Long-poll for the next task."""
+
+    @_abc_1.abstractmethod
+    def KeepAlive(
+        self,
+        request: _aggregator_pb2.KeepAliveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_aggregator_pb2.KeepAliveResponse, _abc.Awaitable[_aggregator_pb2.KeepAliveResponse]]:
+        """"Still working on this task": keeps a trainer alive while it trains or evaluates."""
 
     @_abc_1.abstractmethod
     def DownloadModel(

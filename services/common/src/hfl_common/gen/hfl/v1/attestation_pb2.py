@@ -22,39 +22,40 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18hfl/v1/attestation.proto\x12\x06hfl.v1\"E\n\x08\x45vidence\x12\x13\n\tsgx_quote\x18\x01 \x01(\x0cH\x00\x12\x1c\n\x12ra_tls_certificate\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x8f\x01\n\x0cMeasurements\x12\x11\n\tmrenclave\x18\x01 \x01(\x0c\x12\x10\n\x08mrsigner\x18\x02 \x01(\x0c\x12\x13\n\x0bisv_prod_id\x18\x03 \x01(\r\x12\x0f\n\x07isv_svn\x18\x04 \x01(\r\x12\r\n\x05\x64\x65\x62ug\x18\x05 \x01(\x08\x12\x13\n\x0breport_data\x18\x06 \x01(\x0c\x12\x10\n\x08tee_type\x18\x07 \x01(\t\"\xc5\x01\n\x07Verdict\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x13\n\x0breason_code\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\ntcb_status\x18\x04 \x01(\t\x12\x14\n\x0c\x61\x64visory_ids\x18\x05 \x03(\t\x12*\n\x0cmeasurements\x18\x06 \x01(\x0b\x32\x14.hfl.v1.Measurements\x12\x1a\n\x04role\x18\x07 \x01(\x0e\x32\x0c.hfl.v1.Role\x12\x11\n\tsimulated\x18\x08 \x01(\x08\"u\n\x17IssueCertificateRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x12\"\n\x08\x65vidence\x18\x02 \x01(\x0b\x32\x10.hfl.v1.Evidence\x12\x1a\n\x04role\x18\x03 \x01(\x0e\x32\x0c.hfl.v1.Role\x12\r\n\x05label\x18\x04 \x01(\t\"\x8a\x01\n\x18IssueCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x1b\n\x13\x63\x61_certificates_pem\x18\x02 \x01(\t\x12\x16\n\x0enot_after_unix\x18\x03 \x01(\x03\x12 \n\x07verdict\x18\x04 \x01(\x0b\x32\x0f.hfl.v1.Verdict\"h\n\x15VerifyEvidenceRequest\x12\"\n\x08\x65vidence\x18\x01 \x01(\x0b\x32\x10.hfl.v1.Evidence\x12\x1a\n\x04role\x18\x02 \x01(\x0e\x32\x0c.hfl.v1.Role\x12\x0f\n\x07\x61t_unix\x18\x03 \x01(\x03\":\n\x16VerifyEvidenceResponse\x12 \n\x07verdict\x18\x01 \x01(\x0b\x32\x0f.hfl.v1.Verdict\"\x17\n\x15GetTrustBundleRequest\"q\n\x16GetTrustBundleResponse\x12\x1b\n\x13\x63\x61_certificates_pem\x18\x01 \x01(\t\x12#\n\x1b\x61ttestation_certificate_pem\x18\x02 \x01(\t\x12\x15\n\rpolicy_sha256\x18\x03 \x01(\t\"\x12\n\x10GetPolicyRequest\"?\n\x11GetPolicyResponse\x12\x13\n\x0bpolicy_toml\x18\x01 \x01(\t\x12\x15\n\rpolicy_sha256\x18\x02 \x01(\t*l\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROLE_ATTESTATION\x10\x01\x12\x13\n\x0fROLE_AGGREGATOR\x10\x02\x12\x10\n\x0cROLE_TRAINER\x10\x03\x12\x11\n\rROLE_OPERATOR\x10\x04\x32\xcf\x02\n\x12\x41ttestationService\x12U\n\x10IssueCertificate\x12\x1f.hfl.v1.IssueCertificateRequest\x1a .hfl.v1.IssueCertificateResponse\x12O\n\x0eVerifyEvidence\x12\x1d.hfl.v1.VerifyEvidenceRequest\x1a\x1e.hfl.v1.VerifyEvidenceResponse\x12O\n\x0eGetTrustBundle\x12\x1d.hfl.v1.GetTrustBundleRequest\x1a\x1e.hfl.v1.GetTrustBundleResponse\x12@\n\tGetPolicy\x12\x18.hfl.v1.GetPolicyRequest\x1a\x19.hfl.v1.GetPolicyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18hfl/v1/attestation.proto\x12\x06hfl.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"E\n\x08\x45vidence\x12\x13\n\tsgx_quote\x18\x01 \x01(\x0cH\x00\x12\x1c\n\x12ra_tls_certificate\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x8f\x01\n\x0cMeasurements\x12\x11\n\tmrenclave\x18\x01 \x01(\x0c\x12\x10\n\x08mrsigner\x18\x02 \x01(\x0c\x12\x13\n\x0bisv_prod_id\x18\x03 \x01(\r\x12\x0f\n\x07isv_svn\x18\x04 \x01(\r\x12\r\n\x05\x64\x65\x62ug\x18\x05 \x01(\x08\x12\x13\n\x0breport_data\x18\x06 \x01(\x0c\x12\x10\n\x08tee_type\x18\x07 \x01(\t\"\xc5\x01\n\x07Verdict\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x13\n\x0breason_code\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\ntcb_status\x18\x04 \x01(\t\x12\x14\n\x0c\x61\x64visory_ids\x18\x05 \x03(\t\x12*\n\x0cmeasurements\x18\x06 \x01(\x0b\x32\x14.hfl.v1.Measurements\x12\x1a\n\x04role\x18\x07 \x01(\x0e\x32\x0c.hfl.v1.Role\x12\x11\n\tsimulated\x18\x08 \x01(\x08\"u\n\x17IssueCertificateRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x12\"\n\x08\x65vidence\x18\x02 \x01(\x0b\x32\x10.hfl.v1.Evidence\x12\x1a\n\x04role\x18\x03 \x01(\x0e\x32\x0c.hfl.v1.Role\x12\r\n\x05label\x18\x04 \x01(\t\"\xa1\x01\n\x18IssueCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x1b\n\x13\x63\x61_certificates_pem\x18\x02 \x01(\t\x12-\n\tnot_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x07verdict\x18\x04 \x01(\x0b\x32\x0f.hfl.v1.Verdict\"\x7f\n\x15VerifyEvidenceRequest\x12\"\n\x08\x65vidence\x18\x01 \x01(\x0b\x32\x10.hfl.v1.Evidence\x12\x1a\n\x04role\x18\x02 \x01(\x0e\x32\x0c.hfl.v1.Role\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\":\n\x16VerifyEvidenceResponse\x12 \n\x07verdict\x18\x01 \x01(\x0b\x32\x0f.hfl.v1.Verdict\"\x17\n\x15GetTrustBundleRequest\"q\n\x16GetTrustBundleResponse\x12\x1b\n\x13\x63\x61_certificates_pem\x18\x01 \x01(\t\x12#\n\x1b\x61ttestation_certificate_pem\x18\x02 \x01(\t\x12\x15\n\rpolicy_sha256\x18\x03 \x01(\t\"\x12\n\x10GetPolicyRequest\"?\n\x11GetPolicyResponse\x12\x13\n\x0bpolicy_toml\x18\x01 \x01(\t\x12\x15\n\rpolicy_sha256\x18\x02 \x01(\t*l\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROLE_ATTESTATION\x10\x01\x12\x13\n\x0fROLE_AGGREGATOR\x10\x02\x12\x10\n\x0cROLE_TRAINER\x10\x03\x12\x11\n\rROLE_OPERATOR\x10\x04\x32\xcf\x02\n\x12\x41ttestationService\x12U\n\x10IssueCertificate\x12\x1f.hfl.v1.IssueCertificateRequest\x1a .hfl.v1.IssueCertificateResponse\x12O\n\x0eVerifyEvidence\x12\x1d.hfl.v1.VerifyEvidenceRequest\x1a\x1e.hfl.v1.VerifyEvidenceResponse\x12O\n\x0eGetTrustBundle\x12\x1d.hfl.v1.GetTrustBundleRequest\x1a\x1e.hfl.v1.GetTrustBundleResponse\x12@\n\tGetPolicy\x12\x18.hfl.v1.GetPolicyRequest\x1a\x19.hfl.v1.GetPolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hfl.v1.attestation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1104
-  _globals['_ROLE']._serialized_end=1212
-  _globals['_EVIDENCE']._serialized_start=36
-  _globals['_EVIDENCE']._serialized_end=105
-  _globals['_MEASUREMENTS']._serialized_start=108
-  _globals['_MEASUREMENTS']._serialized_end=251
-  _globals['_VERDICT']._serialized_start=254
-  _globals['_VERDICT']._serialized_end=451
-  _globals['_ISSUECERTIFICATEREQUEST']._serialized_start=453
-  _globals['_ISSUECERTIFICATEREQUEST']._serialized_end=570
-  _globals['_ISSUECERTIFICATERESPONSE']._serialized_start=573
-  _globals['_ISSUECERTIFICATERESPONSE']._serialized_end=711
-  _globals['_VERIFYEVIDENCEREQUEST']._serialized_start=713
-  _globals['_VERIFYEVIDENCEREQUEST']._serialized_end=817
-  _globals['_VERIFYEVIDENCERESPONSE']._serialized_start=819
-  _globals['_VERIFYEVIDENCERESPONSE']._serialized_end=877
-  _globals['_GETTRUSTBUNDLEREQUEST']._serialized_start=879
-  _globals['_GETTRUSTBUNDLEREQUEST']._serialized_end=902
-  _globals['_GETTRUSTBUNDLERESPONSE']._serialized_start=904
-  _globals['_GETTRUSTBUNDLERESPONSE']._serialized_end=1017
-  _globals['_GETPOLICYREQUEST']._serialized_start=1019
-  _globals['_GETPOLICYREQUEST']._serialized_end=1037
-  _globals['_GETPOLICYRESPONSE']._serialized_start=1039
-  _globals['_GETPOLICYRESPONSE']._serialized_end=1102
-  _globals['_ATTESTATIONSERVICE']._serialized_start=1215
-  _globals['_ATTESTATIONSERVICE']._serialized_end=1550
+  _globals['_ROLE']._serialized_start=1183
+  _globals['_ROLE']._serialized_end=1291
+  _globals['_EVIDENCE']._serialized_start=69
+  _globals['_EVIDENCE']._serialized_end=138
+  _globals['_MEASUREMENTS']._serialized_start=141
+  _globals['_MEASUREMENTS']._serialized_end=284
+  _globals['_VERDICT']._serialized_start=287
+  _globals['_VERDICT']._serialized_end=484
+  _globals['_ISSUECERTIFICATEREQUEST']._serialized_start=486
+  _globals['_ISSUECERTIFICATEREQUEST']._serialized_end=603
+  _globals['_ISSUECERTIFICATERESPONSE']._serialized_start=606
+  _globals['_ISSUECERTIFICATERESPONSE']._serialized_end=767
+  _globals['_VERIFYEVIDENCEREQUEST']._serialized_start=769
+  _globals['_VERIFYEVIDENCEREQUEST']._serialized_end=896
+  _globals['_VERIFYEVIDENCERESPONSE']._serialized_start=898
+  _globals['_VERIFYEVIDENCERESPONSE']._serialized_end=956
+  _globals['_GETTRUSTBUNDLEREQUEST']._serialized_start=958
+  _globals['_GETTRUSTBUNDLEREQUEST']._serialized_end=981
+  _globals['_GETTRUSTBUNDLERESPONSE']._serialized_start=983
+  _globals['_GETTRUSTBUNDLERESPONSE']._serialized_end=1096
+  _globals['_GETPOLICYREQUEST']._serialized_start=1098
+  _globals['_GETPOLICYREQUEST']._serialized_end=1116
+  _globals['_GETPOLICYRESPONSE']._serialized_start=1118
+  _globals['_GETPOLICYRESPONSE']._serialized_end=1181
+  _globals['_ATTESTATIONSERVICE']._serialized_start=1294
+  _globals['_ATTESTATIONSERVICE']._serialized_end=1629
 # @@protoc_insertion_point(module_scope)

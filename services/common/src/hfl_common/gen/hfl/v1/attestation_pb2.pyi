@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -79,26 +82,26 @@ class IssueCertificateRequest(_message.Message):
     def __init__(self, csr: _Optional[bytes] = ..., evidence: _Optional[_Union[Evidence, _Mapping]] = ..., role: _Optional[_Union[Role, str]] = ..., label: _Optional[str] = ...) -> None: ...
 
 class IssueCertificateResponse(_message.Message):
-    __slots__ = ("certificate_pem", "ca_certificates_pem", "not_after_unix", "verdict")
+    __slots__ = ("certificate_pem", "ca_certificates_pem", "not_after", "verdict")
     CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     CA_CERTIFICATES_PEM_FIELD_NUMBER: _ClassVar[int]
-    NOT_AFTER_UNIX_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     certificate_pem: str
     ca_certificates_pem: str
-    not_after_unix: int
+    not_after: _timestamp_pb2.Timestamp
     verdict: Verdict
-    def __init__(self, certificate_pem: _Optional[str] = ..., ca_certificates_pem: _Optional[str] = ..., not_after_unix: _Optional[int] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
+    def __init__(self, certificate_pem: _Optional[str] = ..., ca_certificates_pem: _Optional[str] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
 
 class VerifyEvidenceRequest(_message.Message):
-    __slots__ = ("evidence", "role", "at_unix")
+    __slots__ = ("evidence", "role", "at")
     EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
-    AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
     evidence: Evidence
     role: Role
-    at_unix: int
-    def __init__(self, evidence: _Optional[_Union[Evidence, _Mapping]] = ..., role: _Optional[_Union[Role, str]] = ..., at_unix: _Optional[int] = ...) -> None: ...
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, evidence: _Optional[_Union[Evidence, _Mapping]] = ..., role: _Optional[_Union[Role, str]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class VerifyEvidenceResponse(_message.Message):
     __slots__ = ("verdict",)
