@@ -36,11 +36,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from hfl_common.attest_client import key_dns_name, peer_id_for
 from hfl_common.errors import ConfigError, InvalidArgumentError
+from hfl_common.identity import id_san, key_dns_name, peer_id_for, role_dns_name, role_san
 from hfl_common.ratls import tls_leaf_profile
 from hfl_common.sealing import SealingKeySource, read_sealed, write_atomic, write_sealed
-from hfl_common.server import id_san, role_dns_name, role_san
 
 logger = logging.getLogger(__name__)
 

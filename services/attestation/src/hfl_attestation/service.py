@@ -44,12 +44,12 @@ from hfl_common.api import attestation_pb2, attestation_pb2_grpc
 from hfl_common.attest_client import (
     ATTESTATION_ROLE,
     OPERATOR_ROLE,
-    key_dns_name,
     role_name,
     verify_ra_tls_certificate,
 )
 from hfl_common.config import AttestationPolicy
 from hfl_common.errors import EvidenceError, InvalidArgumentError, PermissionDeniedError
+from hfl_common.identity import key_dns_name, role_dns_name, roles_in
 from hfl_common.ratls import (
     LEGACY_QUOTE_OID,
     TCG_DICE_TAGGED_EVIDENCE_OID,
@@ -60,7 +60,6 @@ from hfl_common.ratls import (
     certificate_pem,
     make_ra_tls_certificate,
     parse_ra_tls_certificate,
-    roles_in,
 )
 from hfl_common.sealing import SealingKeySource
 from hfl_common.server import (
@@ -70,7 +69,6 @@ from hfl_common.server import (
     ServerConfig,
     ServiceRegistration,
     build_server,
-    role_dns_name,
 )
 from hfl_common.tee.verify import QuoteVerifier, Verdict
 

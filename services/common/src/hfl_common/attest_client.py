@@ -56,6 +56,16 @@ from hfl_common.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+
+# Re-exported from their former home; the names scheme lives in hfl_common.identity.
+from hfl_common.identity import (  # noqa: F401
+    KEY_DNS_HEX_DIGITS,
+    KEY_DNS_PREFIX,
+    PEER_ID_HEX_DIGITS,
+    key_dns_name,
+    peer_id_for,
+    spki_sha256,
+)
 from hfl_common.ratls import (
     LEGACY_QUOTE_OID,
     TCG_DICE_TAGGED_EVIDENCE_OID,
@@ -73,7 +83,6 @@ from hfl_common.ratls import (
     user_data_from_report_data,
 )
 from hfl_common.server import (
-    ROLE_DNS_SUFFIX,
     PeerIdentity,
     RoleAuthorizer,
     ServerCertificate,
@@ -87,10 +96,6 @@ ATTESTATION_ROLE = "attestation"
 OPERATOR_ROLE = "operator"
 ENCLAVE_ROLES = ("attestation", "aggregator", "trainer")
 
-KEY_DNS_PREFIX = "k-"
-# Hex digits of SHA-256(SPKI) in the key-pinned DNS name (128 bits) and in the peer id (64).
-KEY_DNS_HEX_DIGITS = 32
-PEER_ID_HEX_DIGITS = 16
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
 # Renew at this fraction of a certificate's lifetime.
@@ -132,26 +137,8 @@ def role_proto(name: str) -> attestation_pb2.Role:
 
 
 def spki_sha256_of(certificate: x509.Certificate) -> bytes:
-    spki = certificate.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(spki).digest()
-
-
-def peer_id_for(spki_sha256: bytes) -> str:
-    """A peer's stable id: the first 16 hex digits of SHA-256 of its key's SPKI."""
-    return spki_sha256.hex()[:PEER_ID_HEX_DIGITS]
-
-
-def key_dns_name(spki_sha256: bytes) -> str:
-    """The key-pinned DNS name ``k-<first 32 hex of SHA-256(SPKI)>.hfl.internal``.
-
-    A client that verified a server's quote for key K dials it with this name as the TLS
-    target name, so its channel only ever accepts a certificate issued for K.
-    """
-    if len(spki_sha256) != 32:
-        raise InvalidArgumentError(f"an SPKI SHA-256 is 32 bytes, got {len(spki_sha256)}")
-    return KEY_DNS_PREFIX + spki_sha256.hex()[:KEY_DNS_HEX_DIGITS] + ROLE_DNS_SUFFIX
+    """SHA-256 of a certificate's DER SubjectPublicKeyInfo (hfl_common.identity)."""
+    return spki_sha256(certificate)
 
 
 def split_target(target: str) -> tuple[str, int]:

@@ -56,7 +56,6 @@ import enum
 import hashlib
 import io
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
@@ -69,6 +68,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hfl_common.errors import EvidenceError, InvalidArgumentError
+from hfl_common.identity import ROLE_SAN_PREFIX, role_san
+
+# Kept for callers of the former name; the role URI scheme lives in hfl_common.identity.
+ROLE_URI_PREFIX = ROLE_SAN_PREFIX
+role_uri = role_san
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +119,6 @@ MAX_CERTIFICATE_SIZE = 64 * 1024
 # Nesting allowed in the DICE CBOR (Gramine's evidence is three levels deep).
 _CBOR_MAX_DEPTH = 8
 
-# Subject Alternative Name URI naming the role an enclave key asks for.
-ROLE_URI_PREFIX = "urn:hfl:role:"
-_ROLE_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
-
 # Our certificates: backdate not_before a little for peers whose clocks run behind.
 CLOCK_SKEW = dt.timedelta(minutes=5)
 DEFAULT_VALIDITY = dt.timedelta(hours=24)
@@ -151,28 +151,6 @@ def spki_der(public_key: x509.Certificate | ec.EllipticCurvePublicKey) -> bytes:
     return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-
-
-def role_uri(role: str) -> str:
-    """The SAN URI that names `role` ("trainer" -> "urn:hfl:role:trainer")."""
-    if not _ROLE_RE.fullmatch(role):
-        raise InvalidArgumentError(
-            f"role {role!r} is not a valid role name: use lower-case letters, digits, '-' or '_'"
-        )
-    return ROLE_URI_PREFIX + role
-
-
-def roles_in(cert_or_csr: x509.Certificate | x509.CertificateSigningRequest) -> list[str]:
-    """The roles named by `urn:hfl:role:` URIs in a certificate's or CSR's SAN."""
-    try:
-        san = cert_or_csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return []
-    return [
-        uri[len(ROLE_URI_PREFIX) :]
-        for uri in san.value.get_values_for_type(x509.UniformResourceIdentifier)
-        if uri.startswith(ROLE_URI_PREFIX)
-    ]
 
 
 class EnclaveKey:
@@ -218,7 +196,7 @@ class EnclaveKey:
     def csr(self, common_name: str, dns_sans: Sequence[str], role: str) -> bytes:
         """A PKCS#10 request (DER) for this key, naming `role` as a SAN URI."""
         general_names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_sans]
-        general_names.append(x509.UniformResourceIdentifier(role_uri(role)))
+        general_names.append(x509.UniformResourceIdentifier(role_san(role)))
         builder = (
             x509.CertificateSigningRequestBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -486,7 +464,7 @@ def make_ra_tls_certificate(
     padded = _pad_user_data(user_data)
     general_names: list[x509.GeneralName] = [x509.DNSName(dns) for dns in dns_names]
     if role is not None:
-        general_names.append(x509.UniformResourceIdentifier(role_uri(role)))
+        general_names.append(x509.UniformResourceIdentifier(role_san(role)))
     now = now or dt.datetime.now(dt.UTC)
 
     legacy_quote = (
