@@ -20,13 +20,20 @@ RPCs (hfl.v1.AttestationService):
   role sends no evidence: its SPKI SHA-256 must be in the policy's operator list.
   Refusals: PERMISSION_DENIED with the verdict's reason; unreadable requests or
   evidence: INVALID_ARGUMENT.
-- VerifyEvidence: the verdict, accepted or not (a refusal is an answer, not an error).
+- VerifyEvidence: the verdict, accepted or not (a policy refusal is an answer, not an
+  error); evidence that cannot be read at all, or none, is INVALID_ARGUMENT with the
+  reason, as in IssueCertificate.
+
+Callers without a client certificate (every enclave before its first certificate) reach
+only `ANONYMOUS_METHODS`, rate-limited per IP address (hfl_common.server.CallLimits):
+reflection and health Watch are closed to them.
 - GetTrustBundle: CA certificate, this service's RA-TLS certificate, policy SHA-256.
 - GetPolicy: the policy text as loaded, and its SHA-256.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -63,6 +70,7 @@ from hfl_common.ratls import (
 )
 from hfl_common.sealing import SealingKeySource
 from hfl_common.server import (
+    HEALTH_CHECK_METHOD,
     PeerIdentity,
     RunningServer,
     ServerCertificate,
@@ -80,6 +88,19 @@ SELF_CERTIFICATE_VALIDITY = dt.timedelta(days=30)
 # Evidence that is not readable at all is a malformed request, not a refusal.
 _MALFORMED_CODES = frozenset(
     {"quote_malformed", "certificate_malformed", "evidence_malformed", "report_data_malformed"}
+)
+
+
+# What an anonymous caller may call: bootstrap (the trust bundle and policy, a certificate
+# for its evidence), checking evidence, and the health probe.
+ANONYMOUS_METHODS = frozenset(
+    {
+        f"/{SERVICE_NAME}/IssueCertificate",
+        f"/{SERVICE_NAME}/VerifyEvidence",
+        f"/{SERVICE_NAME}/GetTrustBundle",
+        f"/{SERVICE_NAME}/GetPolicy",
+        HEALTH_CHECK_METHOD,
+    }
 )
 
 
@@ -253,14 +274,15 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
         if kind == "sgx_quote":
             verdict = self._verifier.verify_quote(bytes(request.evidence.sgx_quote), role, at=at)
         elif kind == "ra_tls_certificate":
-            try:
-                cert = parse_ra_tls_certificate(bytes(request.evidence.ra_tls_certificate))
-            except EvidenceError as exc:
-                verdict = Verdict(False, exc.reason_code, str(exc), role)
-            else:
-                verdict = verify_ra_tls_certificate(cert, self._verifier, role, at=at)
+            cert = _parse_evidence_certificate(bytes(request.evidence.ra_tls_certificate), role)
+            verdict = verify_ra_tls_certificate(cert, self._verifier, role, at=at)
         else:
-            verdict = Verdict(False, "evidence_missing", "the request carries no evidence", role)
+            raise InvalidArgumentError(
+                "VerifyEvidence needs evidence: an sgx_quote or an ra_tls_certificate"
+            )
+        if not verdict.accepted and verdict.reason_code in _MALFORMED_CODES:
+            # Unreadable evidence is a malformed request, as in IssueCertificate.
+            raise _refusal(verdict)
         return attestation_pb2.VerifyEvidenceResponse(verdict=verdict.to_proto())
 
     # -- trust bundle and policy ------------------------------------------------------
@@ -359,8 +381,14 @@ def start_attestation_service(
         # certificates are optional here; those presented must chain to the federation CA.
         return ServerCertificate(key_pem, servicer.own_certificate_pem, ca.pem)
 
+    server_config = config.server
+    if server_config.limits.anonymous_methods is None:
+        server_config = dataclasses.replace(
+            server_config,
+            limits=dataclasses.replace(server_config.limits, anonymous_methods=ANONYMOUS_METHODS),
+        )
     server = build_server(
-        config.server,
+        server_config,
         services=[
             ServiceRegistration(
                 name=SERVICE_NAME,

@@ -33,6 +33,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import random
 import socket
 import ssl
 import threading
@@ -40,7 +41,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from cryptography import x509
@@ -56,16 +57,13 @@ from hfl_common.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from hfl_common.identity import KEY_DNS_HEX_DIGITS, spki_sha256
 
 # Re-exported from their former home; the names scheme lives in hfl_common.identity.
-from hfl_common.identity import (  # noqa: F401
-    KEY_DNS_HEX_DIGITS,
-    KEY_DNS_PREFIX,
-    PEER_ID_HEX_DIGITS,
-    key_dns_name,
-    peer_id_for,
-    spki_sha256,
-)
+from hfl_common.identity import KEY_DNS_PREFIX as KEY_DNS_PREFIX  # noqa: PLC0414
+from hfl_common.identity import PEER_ID_HEX_DIGITS as PEER_ID_HEX_DIGITS  # noqa: PLC0414
+from hfl_common.identity import key_dns_name as key_dns_name  # noqa: PLC0414
+from hfl_common.identity import peer_id_for as peer_id_for  # noqa: PLC0414
 from hfl_common.ratls import (
     LEGACY_QUOTE_OID,
     TCG_DICE_TAGGED_EVIDENCE_OID,
@@ -465,6 +463,27 @@ def _error_from_status(err: grpc.RpcError, what: str) -> HflError:
     return UnavailableError(f"{what}: {code.name if code else 'error'}: {details}")
 
 
+_T = TypeVar("_T")
+
+
+def _while_busy(call: Callable[[], _T], budget_seconds: float) -> _T:
+    """Run `call`, retrying with backoff while the server answers RESOURCE_EXHAUSTED (its
+    per-address or overall limits: many enclaves bootstrapping at once), for at most
+    `budget_seconds`; then the last refusal is raised."""
+    deadline = time.monotonic() + budget_seconds
+    delay = 0.1
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as err:
+            busy = isinstance(err, grpc.Call) and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            if not busy or time.monotonic() + delay > deadline:
+                raise
+            logger.info("attestation service busy (%s); retrying in %.1f s", err.details(), delay)
+        time.sleep(delay * (0.5 + random.random() / 2))
+        delay = min(delay * 2, 2.0)
+
+
 def evidence_quote(key: EnclaveKey, provider: QuoteProvider, user_data: bytes = b"") -> bytes:
     """A quote binding `key`: report_data = SHA-256(SPKI) || user_data (zero-padded)."""
     if len(user_data) > USER_DATA_SIZE:
@@ -500,14 +519,18 @@ def obtain_certificate(
         request.evidence.sgx_quote = evidence_quote(key, provider, user_data)
     try:
         try:
-            response = pinned.stub.IssueCertificate(request, timeout=timeout)
+            response = _while_busy(
+                lambda: pinned.stub.IssueCertificate(request, timeout=timeout), timeout
+            )
         except grpc.RpcError as err:
             if not isinstance(err, grpc.Call) or err.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
             # restarted (new key) or unreachable: verify it again and retry once
             logger.info("attestation service %s unavailable; re-verifying it", pinned.target)
             pinned.repin()
-            response = pinned.stub.IssueCertificate(request, timeout=timeout)
+            response = _while_busy(
+                lambda: pinned.stub.IssueCertificate(request, timeout=timeout), timeout
+            )
     except grpc.RpcError as err:
         raise _error_from_status(err, f"certificate for role {role} refused") from None
     cert_pem = response.certificate_pem.encode()
