@@ -326,20 +326,41 @@ def _run_services(
     return _follow(supervisor, federation.operator, federation.aggregator, opts)
 
 
+# GetStatus failures that a busy or slow aggregator gives; anything else ends the run.
+_TRANSIENT_STATUS = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNAVAILABLE,
+    }
+)
+STATUS_PATIENCE_SECONDS = 120.0
+
+
 def _follow(
     supervisor: Supervisor, operator: OperatorCredentials, aggregator: str, opts: RunOptions
 ) -> aggregator_pb2.GetStatusResponse:
     channel = aggregator_channel(aggregator, operator)
     stub = aggregator_pb2_grpc.AggregatorServiceStub(channel)
     shown: set[tuple[int, int]] = set()
+    failing_since: float | None = None
     try:
         while True:
             supervisor.check_alive(["attestation", "aggregator"])
             try:
                 status = stub.GetStatus(aggregator_pb2.GetStatusRequest(), timeout=10)
+                failing_since = None
             except grpc.RpcError as err:
+                # A slow or busy answer while the aggregator process lives is not the end
+                # of the federation: poll again for up to STATUS_PATIENCE_SECONDS.
                 code = err.code() if isinstance(err, grpc.Call) else None
-                raise UnavailableError(f"aggregator Status failed: {code}: {err}") from None
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                if code not in _TRANSIENT_STATUS or now - failing_since > STATUS_PATIENCE_SECONDS:
+                    raise UnavailableError(f"aggregator Status failed: {code}: {err}") from None
+                _say(f"  (aggregator status not answered: {code}; asking again)")
+                time.sleep(POLL_SECONDS)
+                continue
             for r in status.rounds:
                 key = (r.round, r.attempt)
                 settled = r.state == "failed" or (
