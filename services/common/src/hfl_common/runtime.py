@@ -32,6 +32,7 @@ from hfl_common.attest_client import (
 )
 from hfl_common.config import AttestationPolicy, TrustRoot, load_policy
 from hfl_common.errors import ConfigError, HflError
+from hfl_common.metrics import register_tee_simulated
 from hfl_common.ratls import EnclaveKey
 from hfl_common.sealing import GramineSealingKeys, SealingKeySource, SimulatedSealingKeys
 from hfl_common.tee import (
@@ -47,6 +48,7 @@ from hfl_common.tee import (
     SimulatedProvider,
 )
 from hfl_common.tee.identities import service_identity
+from hfl_common.tee.simulation import check_no_code_injection
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +201,15 @@ class Enclave:
         provider: EvidenceProvider
         sealing: SealingKeySource
         if opts.tee == "simulated":
+            if policy.trust_root is TrustRoot.INTEL:
+                raise ConfigError(
+                    f"--tee simulated refused: {opts.policy_path} trusts Intel's root "
+                    '(root = "intel"), a production policy, and a simulated enclave protects '
+                    "nothing; use real SGX (--tee gramine) or a simulation policy"
+                )
             if opts.sim_platform is None:
                 raise ConfigError("--tee simulated needs --sim-platform DIR")
+            check_no_code_injection()
             platform = SimulatedPlatform.load(opts.sim_platform)
             identity = service_identity(opts.role, platform, opts.isv_svn)
             provider = SimulatedProvider(platform, identity)
@@ -216,6 +225,8 @@ class Enclave:
                     f"{opts.policy_path}: trusts the simulation root, but --tee gramine runs "
                     'on real SGX; use a policy with root = "intel"'
                 )
+        if registry is not None:
+            register_tee_simulated(registry, opts.tee == "simulated")
         verifier = QuoteVerifier(
             policy,
             CachedCollateral(collateral, registry=registry),
@@ -223,8 +234,9 @@ class Enclave:
             registry=registry,
         )
         if identity is not None:
-            log.info(
-                "simulated %s enclave: MRENCLAVE %s, MRSIGNER %s",
+            log.warning(
+                "SIMULATED %s enclave (no hardware protection; hfl_tee_simulated 1): "
+                "MRENCLAVE %s, MRSIGNER %s",
                 opts.role,
                 identity.mrenclave.hex(),
                 identity.mrsigner.hex(),
