@@ -804,6 +804,7 @@ def connect_verified(
     expected_user_data: bytes | None = None,
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
     options: tuple[tuple[str, Any], ...] = (),
+    on_verdict: Callable[[Verdict], None] | None = None,
 ) -> grpc.Channel:
     """A channel to `target` after re-verifying the server's attested certificate.
 
@@ -812,7 +813,8 @@ def connect_verified(
     bound to its key, and, when `expected_user_data` is given, that report_data[32:64]
     equals it (zero-padded; the trainer passes its plan hash). The channel then trusts
     the federation CA and checks the key-pinned name of that certificate's key, so it
-    can only ever talk to a certificate for that same key.
+    can only ever talk to a certificate for that same key. `on_verdict` is given the
+    accepted verdict (e.g. to show that the server's enclave is simulated).
     """
     host, port = split_target(target)
     cert_pem, key_pem = credentials.client_pem_pair()
@@ -840,6 +842,8 @@ def connect_verified(
                 f"{credentials_role(credentials)}'s plan {expected.hex()}",
                 "user_data_mismatch",
             )
+    if on_verdict is not None:
+        on_verdict(verdict)
     return make_channel(
         target,
         credentials.channel_credentials(),
