@@ -51,10 +51,12 @@ from hfl_common.api import attestation_pb2, attestation_pb2_grpc
 from hfl_common.attest_client import (
     ATTESTATION_ROLE,
     OPERATOR_ROLE,
+    TRAINER_ROLE,
     role_name,
     verify_ra_tls_certificate,
 )
 from hfl_common.config import AttestationPolicy
+from hfl_common.enrolment import Enrolment
 from hfl_common.errors import EvidenceError, InvalidArgumentError, PermissionDeniedError
 from hfl_common.identity import key_dns_name, role_dns_name, roles_in
 from hfl_common.ratls import (
@@ -195,6 +197,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
                 f"the CSR names role {', '.join(csr_roles)} but the request asks for {role}"
             )
         spki_sha = hashlib.sha256(csr_spki_der(csr)).digest()
+        party = self._enrolled_party(csr, role, spki_sha)
         extensions: list[x509.Extension[x509.ExtensionType]] = []
         if role == OPERATOR_ROLE:
             if spki_sha not in self._policy.operator_spki_sha256:
@@ -212,6 +215,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
             evidence_extensions=extensions,
             lifetime_seconds=self._policy.certificate_lifetime_seconds,
             label=request.label,
+            party=party,
         )
         self._metrics.issued.labels(role=role).inc()
         return attestation_pb2.IssueCertificateResponse(
@@ -220,6 +224,38 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
             not_after_unix=int(leaf.not_after.timestamp()),
             verdict=verdict.to_proto(),
         )
+
+    def _enrolled_party(
+        self, csr: x509.CertificateSigningRequest, role: str, spki_sha: bytes
+    ) -> str | None:
+        """The party a trainer's CSR proves it belongs to (hfl_common.enrolment), or None
+        when the policy enrols no parties; refusals say what is missing."""
+        enrolment = Enrolment.from_csr(csr)
+        parties = self._policy.parties
+        if role != TRAINER_ROLE:
+            if enrolment is not None:
+                raise InvalidArgumentError(
+                    f"only trainers enrol in a party; the {role} CSR carries an enrolment"
+                )
+            return None
+        if enrolment is None:
+            if parties:
+                raise PermissionDeniedError(
+                    "this federation's policy enrols parties "
+                    f"({', '.join(sorted(parties))}); a trainer must present an enrolment "
+                    "signed by its party's key (trainer flags --party NAME --party-key FILE)",
+                    "party_enrolment_missing",
+                )
+            return None
+        party = parties.get(enrolment.party)
+        if party is None:
+            raise PermissionDeniedError(
+                f"party {enrolment.party} is not enrolled in this federation's policy "
+                f"(enrolled: {', '.join(sorted(parties)) or 'none'})",
+                "party_not_enrolled",
+            )
+        enrolment.verify(party.public_key, spki_sha)
+        return party.name
 
     def _verify_enclave_evidence(
         self, evidence: attestation_pb2.Evidence, role: str, spki_sha: bytes

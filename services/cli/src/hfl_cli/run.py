@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import grpc
 
-from hfl_cli.local import PlanOptions, Prepared, prepare
+from hfl_cli.local import PlanOptions, Prepared, party_key_path, party_name, prepare
 from hfl_cli.operator import OperatorCredentials, aggregator_channel, obtain_operator_certificate
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc
 from hfl_common.errors import ConfigError, HflError, UnavailableError
@@ -244,8 +244,9 @@ def run(opts: RunOptions) -> int:
 def service_args(
     prepared: Prepared, name: str, *, listen: str = "127.0.0.1:0", policy: Path | None = None
 ) -> list[str]:
-    """The flags every service of a local federation takes, with its own state dir."""
-    return [
+    """The flags every service of a local federation takes, with its own state dir; a
+    trainer ("trainer-N") also gets its party's enrolment key when the run enrolled one."""
+    args = [
         "--policy", str(policy or prepared.policy),
         "--tee", "simulated",
         "--sim-platform", str(prepared.platform),
@@ -253,6 +254,13 @@ def service_args(
         "--listen", listen,
         "--metrics-listen", "127.0.0.1:0",
     ]  # fmt: skip
+    number = name.removeprefix("trainer-")
+    if name.startswith("trainer-") and number.isdigit():
+        party = party_name(int(number) - 1)
+        key = party_key_path(prepared.directory, party)
+        if key.exists():
+            args += ["--party", party, "--party-key", str(key)]
+    return args
 
 
 def trainer_args(

@@ -49,6 +49,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from hfl_common.api import attestation_pb2, attestation_pb2_grpc
+from hfl_common.enrolment import PartySigner
 from hfl_common.errors import (
     EvidenceError,
     HflError,
@@ -92,6 +93,7 @@ logger = logging.getLogger(__name__)
 
 ATTESTATION_ROLE = "attestation"
 OPERATOR_ROLE = "operator"
+TRAINER_ROLE = "trainer"
 ENCLAVE_ROLES = ("attestation", "aggregator", "trainer")
 
 
@@ -502,16 +504,21 @@ def obtain_certificate(
     user_data: bytes = b"",
     *,
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    party: PartySigner | None = None,
 ) -> IssuedCertificate:
     """Ask the federation CA for a certificate for `key` in `role`, with fresh evidence.
 
     Enclave roles send a quote from `provider` binding the key (and `user_data`, e.g. the
     aggregator's plan hash, in report_data[32:64]); the operator role sends none (its key
-    must be listed in the policy). Refusals raise PermissionDeniedError with the reason.
+    must be listed in the policy). A trainer of an enrolled party passes its `party`
+    signer: the CSR then carries the party's enrolment of `key` (hfl_common.enrolment)
+    and the certificate names the party. Refusals raise PermissionDeniedError with the
+    reason.
     """
     role_value = role_proto(role)
+    extensions = [party.extension(key.spki_sha256)] if party is not None else []
     request = attestation_pb2.IssueCertificateRequest(
-        csr=key.csr(label or role, (), role), role=role_value, label=label
+        csr=key.csr(label or role, (), role, extensions), role=role_value, label=label
     )
     if role != OPERATOR_ROLE:
         if provider is None:

@@ -193,8 +193,15 @@ class EnclaveKey:
         """SHA-256 of the DER SubjectPublicKeyInfo: what report_data[0:32] binds."""
         return _sha256(self.spki_der)
 
-    def csr(self, common_name: str, dns_sans: Sequence[str], role: str) -> bytes:
-        """A PKCS#10 request (DER) for this key, naming `role` as a SAN URI."""
+    def csr(
+        self,
+        common_name: str,
+        dns_sans: Sequence[str],
+        role: str,
+        extensions: Sequence[x509.ExtensionType] = (),
+    ) -> bytes:
+        """A PKCS#10 request (DER) for this key, naming `role` as a SAN URI; `extensions`
+        are added non-critical (e.g. a party enrolment, hfl_common.enrolment)."""
         general_names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_sans]
         general_names.append(x509.UniformResourceIdentifier(role_san(role)))
         builder = (
@@ -202,6 +209,8 @@ class EnclaveKey:
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .add_extension(x509.SubjectAlternativeName(general_names), critical=False)
         )
+        for extension in extensions:
+            builder = builder.add_extension(extension, critical=False)
         request = builder.sign(self._private_key, self.SIGNATURE_HASH())
         return request.public_bytes(serialization.Encoding.DER)
 

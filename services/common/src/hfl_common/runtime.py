@@ -31,6 +31,7 @@ from hfl_common.attest_client import (
     obtain_certificate,
 )
 from hfl_common.config import AttestationPolicy, TrustRoot, load_policy
+from hfl_common.enrolment import PartySigner, public_key_text
 from hfl_common.errors import ConfigError, HflError
 from hfl_common.metrics import register_tee_simulated
 from hfl_common.ratls import EnclaveKey
@@ -134,6 +135,13 @@ def add_enclave_flags(parser: argparse.ArgumentParser, *, listen: str, metrics_l
     t.add_argument("--collateral-dir", type=Path, help="offline collateral directory")
     t.add_argument("--pccs-url", help="PCCS to fetch collateral from")
     t.add_argument("--isv-svn", type=int, default=1, help="simulated ISV_SVN (default 1)")
+    t.add_argument("--party", help="trainers: the enrolled party (organisation) it belongs to")
+    t.add_argument(
+        "--party-key",
+        type=Path,
+        help="trainers: the party's private enrolment key (PEM), which enrols this "
+        "enclave's key (docs/security.md, 'Parties')",
+    )
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,8 @@ class EnclaveOptions:
     pccs_url: str | None
     isv_svn: int
     state_dir: Path
+    party: str | None = None
+    party_key: Path | None = None
 
     @classmethod
     def from_args(cls, role: str, ns: argparse.Namespace) -> EnclaveOptions:
@@ -158,6 +168,8 @@ class EnclaveOptions:
             pccs_url=ns.pccs_url,
             isv_svn=ns.isv_svn,
             state_dir=ns.state_dir,
+            party=getattr(ns, "party", None),
+            party_key=getattr(ns, "party_key", None),
         )
 
 
@@ -183,6 +195,7 @@ class Enclave:
     sealing: SealingKeySource
     verifier: QuoteVerifier
     identity: EnclaveIdentity | None
+    party: PartySigner | None = None
 
     @classmethod
     def open(cls, opts: EnclaveOptions, registry: CollectorRegistry | None) -> Enclave:
@@ -241,7 +254,31 @@ class Enclave:
                 identity.mrenclave.hex(),
                 identity.mrsigner.hex(),
             )
-        return cls(opts.role, policy, provider, sealing, verifier, identity)
+        party: PartySigner | None = None
+        if (opts.party is None) != (opts.party_key is None):
+            raise ConfigError("--party and --party-key go together: the name and its key")
+        if opts.party is not None and opts.party_key is not None:
+            if opts.role != "trainer":
+                raise ConfigError(f"--party is for trainers; a {opts.role} belongs to no party")
+            if opts.party not in policy.parties:
+                enrolled = ", ".join(sorted(policy.parties)) or "none"
+                raise ConfigError(
+                    f"--party {opts.party} is not enrolled in {opts.policy_path} "
+                    f"(enrolled parties: {enrolled})"
+                )
+            party = PartySigner.load(opts.party, opts.party_key)
+            listed = public_key_text(policy.parties[opts.party].public_key)
+            if public_key_text(party.key) != listed:
+                raise ConfigError(
+                    f"--party-key {opts.party_key} is not party {opts.party}'s key in "
+                    f"{opts.policy_path}"
+                )
+        elif opts.role == "trainer" and policy.parties:
+            raise ConfigError(
+                f"{opts.policy_path} enrols parties ({', '.join(sorted(policy.parties))}); "
+                "a trainer needs --party NAME and --party-key FILE"
+            )
+        return cls(opts.role, policy, provider, sealing, verifier, identity, party)
 
     def attest(
         self, attestation_target: str, label: str, user_data: bytes = b""
@@ -252,7 +289,9 @@ class Enclave:
 
         def issue() -> IssuedCertificate:
             # Fresh evidence every time: renewal re-attests this enclave.
-            return obtain_certificate(pinned, key, self.provider, self.role, label, user_data)
+            return obtain_certificate(
+                pinned, key, self.provider, self.role, label, user_data, party=self.party
+            )
 
         credentials = ServiceCredentials(key, issue())
         renewer = Renewer(credentials, issue).start()
