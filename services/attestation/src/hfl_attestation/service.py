@@ -2,9 +2,12 @@
 
 `start_attestation_service` is the builder main() and the tests use. At start it
 
-1. unseals (or creates and seals) the federation CA key (hfl_attestation.ca);
+1. unseals (or creates and seals) the federation CA key (hfl_attestation.ca), and raises
+   its sealed state generation by one (hfl_common.freshness: clients refuse a service
+   whose generation went back, i.e. whose sealed state was rolled back);
 2. generates its own TLS key in the enclave and a SELF-SIGNED RA-TLS certificate for it
-   (quote from the evidence provider, report_data[0:32] = SHA-256(SPKI), Gramine's
+   (quote from the evidence provider, report_data[0:32] = SHA-256(SPKI),
+   report_data[32:48] = the state generation, Gramine's
    extensions; DNS SANs ``attestation.hfl.internal`` and the key-pinned name), which
    clients verify and pin (hfl_common.attest_client.bootstrap_attestation_service);
 3. serves gRPC over TLS with that certificate. Client certificates are not asked for on
@@ -58,6 +61,7 @@ from hfl_common.attest_client import (
 from hfl_common.config import AttestationPolicy
 from hfl_common.enrolment import Enrolment
 from hfl_common.errors import EvidenceError, InvalidArgumentError, PermissionDeniedError
+from hfl_common.freshness import advance_generation, encode_generation
 from hfl_common.identity import key_dns_name, role_dns_name, roles_in
 from hfl_common.ratls import (
     LEGACY_QUOTE_OID,
@@ -365,6 +369,7 @@ class RunningAttestationService:
     key_dns_name: str
     servicer: AttestationServicer
     own_certificate: OwnCertificate
+    generation: int = 0  # the sealed state's generation, attested (hfl_common.freshness)
 
     @property
     def certificate_pem(self) -> bytes:
@@ -399,9 +404,17 @@ def start_attestation_service(
             "enclaves without a certificate prove themselves in-band"
         )
     ca = FederationCA.load_or_create(config.state_dir, sealing)
+    # Raised and sealed before serving; attested in our own certificate (freshness).
+    generation = advance_generation(config.state_dir, sealing)
     key = EnclaveKey.generate()
     pinned_name = key_dns_name(key.spki_sha256)
-    own = OwnCertificate(key, provider, verifier, config.self_certificate_validity)
+    own = OwnCertificate(
+        key,
+        provider,
+        verifier,
+        config.self_certificate_validity,
+        user_data=encode_generation(generation),
+    )
     own_pem = own.renew()
     servicer = AttestationServicer(
         ca=ca,
@@ -452,6 +465,7 @@ def start_attestation_service(
         key_dns_name=pinned_name,
         servicer=servicer,
         own_certificate=own,
+        generation=generation,
     )
 
 
@@ -470,7 +484,10 @@ class OwnCertificate:
         provider: QuoteProvider,
         verifier: QuoteVerifier,
         validity: dt.timedelta,
+        *,
+        user_data: bytes = b"",
     ) -> None:
+        self._user_data = user_data
         self._key = key
         self._provider = provider
         self._verifier = verifier
@@ -489,6 +506,7 @@ class OwnCertificate:
             dns_names=(role_dns_name(ATTESTATION_ROLE), key_dns_name(self._key.spki_sha256)),
             role=ATTESTATION_ROLE,
             validity=self._validity,
+            user_data=self._user_data,
         )
         parsed = parse_ra_tls_certificate(der)
         verdict = verify_ra_tls_certificate(parsed, self._verifier, ATTESTATION_ROLE)

@@ -58,6 +58,7 @@ from hfl_common.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from hfl_common.freshness import GenerationMemory, decode_generation
 from hfl_common.identity import KEY_DNS_HEX_DIGITS, spki_sha256
 
 # Re-exported from their former home; the names scheme lives in hfl_common.identity.
@@ -367,6 +368,7 @@ class PinnedAttestationService:
     verdict: Verdict
     verifier: QuoteVerifier | None = None
     timeout: float = DEFAULT_TIMEOUT_SECONDS
+    memory: GenerationMemory | None = None
 
     @property
     def stub(self) -> attestation_pb2_grpc.AttestationServiceStub:
@@ -376,7 +378,9 @@ class PinnedAttestationService:
         """Re-verify the service at `target` and pin its current key (see the class doc)."""
         if self.verifier is None:
             raise UnavailableError(f"attestation service {self.target}: no verifier to re-pin")
-        fresh = bootstrap_attestation_service(self.target, self.verifier, timeout=self.timeout)
+        fresh = bootstrap_attestation_service(
+            self.target, self.verifier, timeout=self.timeout, memory=self.memory
+        )
         old = self.channel
         self.channel, self.certificate, self.verdict = (
             fresh.channel,
@@ -396,9 +400,17 @@ class PinnedAttestationService:
 
 
 def bootstrap_attestation_service(
-    target: str, verifier: QuoteVerifier, *, timeout: float = DEFAULT_TIMEOUT_SECONDS
+    target: str,
+    verifier: QuoteVerifier,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    memory: GenerationMemory | None = None,
 ) -> PinnedAttestationService:
     """Verify the attestation service at `target` by its RA-TLS certificate, then pin it.
+
+    With `memory`, the state generation the service attests must not be lower than the
+    highest this client saw (hfl_common.freshness); a lower one is refused with reason
+    ``attestation_rollback``.
 
     Raises EvidenceError (a PermissionDeniedError) with the reason when its evidence is
     refused ("attestation service 127.0.0.1:7400 refused: mrenclave_mismatch: ..."),
@@ -411,6 +423,9 @@ def bootstrap_attestation_service(
     verdict = verify_ra_tls_certificate(cert, verifier, ATTESTATION_ROLE)
     if not verdict.accepted:
         raise _refused(who, verdict)
+    if memory is not None and verdict.measurements is not None:
+        attested = user_data_from_report_data(verdict.measurements.report_data)
+        memory.check(decode_generation(attested), who)
     # The only root is the certificate just verified, and the name checked is the one
     # derived from its key: the channel reaches that enclave key or nothing.
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.pem)
@@ -428,6 +443,7 @@ def bootstrap_attestation_service(
         verdict=verdict,
         verifier=verifier,
         timeout=timeout,
+        memory=memory,
     )
 
 

@@ -33,6 +33,7 @@ from hfl_common.attest_client import (
 from hfl_common.config import AttestationPolicy, TrustRoot, load_policy
 from hfl_common.enrolment import PartySigner, public_key_text
 from hfl_common.errors import ConfigError, HflError
+from hfl_common.freshness import MEMORY_FILE, GenerationMemory
 from hfl_common.metrics import register_tee_simulated
 from hfl_common.ratls import EnclaveKey
 from hfl_common.sealing import GramineSealingKeys, SealingKeySource, SimulatedSealingKeys
@@ -196,6 +197,7 @@ class Enclave:
     verifier: QuoteVerifier
     identity: EnclaveIdentity | None
     party: PartySigner | None = None
+    state_dir: Path | None = None
 
     @classmethod
     def open(cls, opts: EnclaveOptions, registry: CollectorRegistry | None) -> Enclave:
@@ -278,13 +280,17 @@ class Enclave:
                 f"{opts.policy_path} enrols parties ({', '.join(sorted(policy.parties))}); "
                 "a trainer needs --party NAME and --party-key FILE"
             )
-        return cls(opts.role, policy, provider, sealing, verifier, identity, party)
+        return cls(opts.role, policy, provider, sealing, verifier, identity, party, opts.state_dir)
 
     def attest(
         self, attestation_target: str, label: str, user_data: bytes = b""
     ) -> tuple[ServiceCredentials, Renewer, PinnedAttestationService]:
-        """Verify and pin the attestation service, then get our certificate from it."""
-        pinned = bootstrap_attestation_service(attestation_target, self.verifier)
+        """Verify and pin the attestation service, then get our certificate from it; the
+        attestation state generation seen is remembered in the state dir (freshness)."""
+        memory = None
+        if self.state_dir is not None:
+            memory = GenerationMemory(self.state_dir / MEMORY_FILE)
+        pinned = bootstrap_attestation_service(attestation_target, self.verifier, memory=memory)
         key = EnclaveKey.generate()
 
         def issue() -> IssuedCertificate:
