@@ -81,7 +81,7 @@ def load_csr(csr_der: bytes) -> x509.CertificateSigningRequest:
         csr = x509.load_der_x509_csr(bytes(csr_der))
         valid = csr.is_signature_valid
         public_key = csr.public_key()
-    except (ValueError, UnsupportedAlgorithm) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
         raise InvalidArgumentError(
             f"the certificate signing request is not DER PKCS#10: {exc}"
         ) from None

@@ -166,7 +166,7 @@ class Enrolment:
             ext = csr.extensions.get_extension_for_oid(ENROLMENT_OID)
         except x509.ExtensionNotFound:
             return None
-        except ValueError as exc:
+        except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
             raise InvalidArgumentError(f"the CSR's extensions are malformed: {exc}") from None
         value = ext.value
         raw = value.value if isinstance(value, x509.UnrecognizedExtension) else b""

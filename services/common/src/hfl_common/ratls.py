@@ -585,7 +585,7 @@ def _load_certificate(data: bytes) -> x509.Certificate:
     if data.lstrip().startswith(b"-----BEGIN"):
         try:
             certificates = x509.load_pem_x509_certificates(data)
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             _fail("certificate_malformed", f"not a PEM X.509 certificate: {exc}")
         if len(certificates) != 1:
             _fail(
@@ -595,7 +595,7 @@ def _load_certificate(data: bytes) -> x509.Certificate:
         return certificates[0]
     try:
         return x509.load_der_x509_certificate(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         _fail("certificate_malformed", f"not a DER X.509 certificate: {exc}")
 
 
@@ -626,13 +626,19 @@ def parse_ra_tls_certificate(
     data = bytes(data)
     certificate = _load_certificate(data)
     try:
-        # Parses every extension: DuplicateExtension, malformed known extensions.
+        # Parses every extension (DuplicateExtension, malformed known extensions) and every
+        # field read later: cryptography parses lazily and raises its own errors.
         extensions = certificate.extensions
         public_key = certificate.public_key()
         der = certificate.public_bytes(serialization.Encoding.DER)
+        _ = (certificate.version, certificate.subject, certificate.issuer)
+        _ = (certificate.not_valid_before_utc, certificate.not_valid_after_utc)
+        _ = (certificate.signature_hash_algorithm, certificate.tbs_certificate_bytes)
     except (
         ValueError,
+        TypeError,
         UnsupportedAlgorithm,
+        x509.InvalidVersion,
         x509.DuplicateExtension,
         x509.UnsupportedGeneralNameType,
     ) as exc:

@@ -204,7 +204,14 @@ def _load_pck_chain(cert_data: bytes) -> tuple[x509.Certificate, ...]:
             _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.extensions)
             _ = (cert.public_key(), cert.signature_hash_algorithm, cert.signature)
             _ = cert.tbs_certificate_bytes
-    except (ValueError, TypeError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
+    except (
+        ValueError,
+        TypeError,
+        UnsupportedAlgorithm,
+        x509.InvalidVersion,
+        x509.DuplicateExtension,
+        x509.UnsupportedGeneralNameType,
+    ) as exc:
         raise _malformed(f"the PCK certificate chain is not a valid PEM chain: {exc}") from None
     return chain
 
