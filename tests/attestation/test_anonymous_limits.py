@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -138,3 +139,24 @@ def test_anonymous_calls_are_rate_limited_per_address(
             },
         )
         assert refused == codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def test_many_enclaves_bootstrapping_at_once_all_get_certificates(
+    start_service: ServiceFactory,
+    make_verifier: VerifierFactory,
+    identities: Identities,
+    provider_for: Providers,
+) -> None:
+    # A 4-worker service admits 2 ordinary calls at once and 4 per address: the others
+    # are refused as busy, and obtain_certificate retries them with backoff.
+    service = start_service()
+    provider = provider_for(identities.trainer)
+    with bootstrap_attestation_service(f"127.0.0.1:{service.port}", make_verifier()) as pinned:
+
+        def issue(index: int) -> bytes:
+            key = EnclaveKey.generate()
+            return obtain_certificate(pinned, key, provider, "trainer", f"t{index}").cert_pem
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            issued = list(pool.map(issue, range(12)))
+    assert len({pem for pem in issued}) == 12

@@ -51,6 +51,7 @@ from hfl_common.attest_client.evidence import (
 )
 from hfl_common.attest_client.names import (
     ATTESTATION_ROLE,
+    BUSY_RETRY_SECONDS,
     DEFAULT_TIMEOUT_SECONDS,
     ENCLAVE_ROLES,
     OPERATOR_ROLE,
@@ -72,6 +73,7 @@ from hfl_common.identity import KEY_DNS_PREFIX, PEER_ID_HEX_DIGITS, key_dns_name
 
 __all__ = [
     "ATTESTATION_ROLE",
+    "BUSY_RETRY_SECONDS",
     "DEFAULT_TIMEOUT_SECONDS",
     "ENCLAVE_ROLES",
     "KEY_DNS_PREFIX",

@@ -17,6 +17,7 @@ from cryptography import x509
 from hfl_common.api import attestation_pb2
 from hfl_common.attest_client.bootstrap import PinnedAttestationService
 from hfl_common.attest_client.names import (
+    BUSY_RETRY_SECONDS,
     DEFAULT_TIMEOUT_SECONDS,
     OPERATOR_ROLE,
     RENEW_AT_FRACTION,
@@ -139,7 +140,7 @@ def obtain_certificate(
     try:
         try:
             response = _while_busy(
-                lambda: pinned.stub.IssueCertificate(request, timeout=timeout), timeout
+                lambda: pinned.stub.IssueCertificate(request, timeout=timeout), BUSY_RETRY_SECONDS
             )
         except grpc.RpcError as err:
             if not isinstance(err, grpc.Call) or err.code() != grpc.StatusCode.UNAVAILABLE:
@@ -148,7 +149,7 @@ def obtain_certificate(
             logger.info("attestation service %s unavailable; re-verifying it", pinned.target)
             pinned.repin()
             response = _while_busy(
-                lambda: pinned.stub.IssueCertificate(request, timeout=timeout), timeout
+                lambda: pinned.stub.IssueCertificate(request, timeout=timeout), BUSY_RETRY_SECONDS
             )
     except grpc.RpcError as err:
         raise _error_from_status(err, f"certificate for role {role} refused") from None

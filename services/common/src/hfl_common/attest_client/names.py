@@ -24,6 +24,9 @@ ENCLAVE_ROLES = ("attestation", "aggregator", "trainer")
 
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
+# How long to keep retrying a certificate request the attestation service refuses as busy
+# (its per-address limits: a few hundred enclaves of one host bootstrapping at once).
+BUSY_RETRY_SECONDS = 120.0
 # Renew at this fraction of a certificate's lifetime.
 RENEW_AT_FRACTION = 2 / 3
 # Peer verdicts kept in a PeerVerifier's cache (each until its certificate expires).
