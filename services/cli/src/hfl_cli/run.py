@@ -345,26 +345,45 @@ _TRANSIENT_STATUS = frozenset(
 STATUS_PATIENCE_SECONDS = 120.0
 
 
+@dataclass
+class StatusPatience:
+    """Whether `hfl run` keeps polling a status that did not answer.
+
+    A slow or busy answer (DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNAVAILABLE) while the
+    aggregator process lives is not the end of the federation: keep asking for up to
+    `seconds` since the first failure in a row. Any other failure ends the run at once.
+    """
+
+    seconds: float = STATUS_PATIENCE_SECONDS
+    failing_since: float | None = None
+
+    def answered(self) -> None:
+        self.failing_since = None
+
+    def keep_asking(self, code: grpc.StatusCode | None, now: float) -> bool:
+        if code not in _TRANSIENT_STATUS:
+            return False
+        if self.failing_since is None:
+            self.failing_since = now
+        return now - self.failing_since <= self.seconds
+
+
 def _follow(
     supervisor: Supervisor, operator: OperatorCredentials, aggregator: str, opts: RunOptions
 ) -> aggregator_pb2.GetStatusResponse:
     channel = aggregator_channel(aggregator, operator)
     stub = aggregator_pb2_grpc.AggregatorServiceStub(channel)
     shown: set[tuple[int, int]] = set()
-    failing_since: float | None = None
+    patience = StatusPatience()
     try:
         while True:
             supervisor.check_alive(["attestation", "aggregator"])
             try:
                 status = stub.GetStatus(aggregator_pb2.GetStatusRequest(), timeout=10)
-                failing_since = None
+                patience.answered()
             except grpc.RpcError as err:
-                # A slow or busy answer while the aggregator process lives is not the end
-                # of the federation: poll again for up to STATUS_PATIENCE_SECONDS.
                 code = err.code() if isinstance(err, grpc.Call) else None
-                now = time.monotonic()
-                failing_since = now if failing_since is None else failing_since
-                if code not in _TRANSIENT_STATUS or now - failing_since > STATUS_PATIENCE_SECONDS:
+                if not patience.keep_asking(code, time.monotonic()):
                     raise UnavailableError(f"aggregator Status failed: {code}: {err}") from None
                 _say(f"  (aggregator status not answered: {code}; asking again)")
                 time.sleep(POLL_SECONDS)
