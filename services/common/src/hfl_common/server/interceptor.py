@@ -220,7 +220,10 @@ class _CallObserver:
             raise err
         if isinstance(err, HflError):
             self._done(err.code, started)
-            _LOG.info(
+            # Limit refusals come in floods (that is what they stop): counted in the
+            # metrics, logged only at debug level so they cannot flood the log too.
+            _LOG.log(
+                logging.DEBUG if isinstance(err, LimitRefusedError) else logging.INFO,
                 "%s refused with %s: %s",
                 self.method,
                 err.code.name,
