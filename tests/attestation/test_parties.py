@@ -19,7 +19,7 @@ from hfl_common.config import AttestationPolicy, parse_policy
 from hfl_common.enrolment import Enrolment, PartySigner, public_key_text
 from hfl_common.errors import ConfigError, InvalidArgumentError, PermissionDeniedError
 from hfl_common.ratls import EnclaveKey
-from hfl_common.server import PeerIdentity
+from hfl_common.server import PeerIdentity, party_of
 from hfl_common.tee import EnclaveIdentity, SimulatedPlatform, SimulatedProvider
 
 from .conftest import Identities, ServiceFactory, VerifierFactory, policy_toml
@@ -203,3 +203,31 @@ def test_a_garbled_enrolment_is_invalid_argument_not_a_crash() -> None:
     for raw in (b"", b"\xff" * 10, b"\xa1\x61v\x01", bytes(2000)):
         with pytest.raises(InvalidArgumentError):
             Enrolment.decode(raw)
+
+
+def test_party_of_counts_the_party_when_the_certificate_names_one(
+    start_service: ServiceFactory,
+    make_verifier: VerifierFactory,
+    identities: Identities,
+    provider_for: Providers,
+    party_policy: AttestationPolicy,
+    alice: PartySigner,
+) -> None:
+    service = start_service(service_policy=party_policy)
+    with bootstrap_attestation_service(f"127.0.0.1:{service.port}", make_verifier()) as pinned:
+        peers = [
+            PeerIdentity.from_pem(
+                obtain_certificate(
+                    pinned,
+                    EnclaveKey.generate(),
+                    provider_for(identities.trainer),
+                    "trainer",
+                    f"t{i}",
+                    party=alice,
+                ).cert_pem
+            )
+            for i in range(2)
+        ]
+    # two keys of one party are one party
+    assert {party_of(p) for p in peers} == {"party:alice"}
+    assert len({p.peer_id for p in peers}) == 2

@@ -77,7 +77,13 @@ from hfl_common.server.interceptor import (
     WATCH_REFUSED_MESSAGE,
 )
 from hfl_common.server.limits import LimitRefusedError
-from hfl_common.server.peer import Authorizer, PeerIdentity, RoleAuthorizer, current_peer
+from hfl_common.server.peer import (
+    Authorizer,
+    PeerIdentity,
+    RoleAuthorizer,
+    current_peer,
+    party_of,
+)
 from hfl_common.server.running import RunningServer, ServiceRegistration, build_server
 from hfl_common.server.tls import (
     CredentialsProvider,
@@ -121,6 +127,7 @@ __all__ = [
     "current_peer",
     "id_san",
     "make_channel",
+    "party_of",
     "party_san",
     "role_dns_name",
     "role_san",

@@ -54,6 +54,15 @@ class PeerIdentity:
         )
 
 
+def party_of(peer: PeerIdentity) -> str:
+    """The unit that per-party rules count: the enrolled party ("party:<name>") when the
+    certificate names one, else the key itself ("key:<peer id or fingerprint>"), so a
+    federation whose policy enrols no parties counts keys, as before."""
+    if peer.party is not None:
+        return f"party:{peer.party}"
+    return f"key:{peer.peer_id or peer.fingerprint_sha256}"
+
+
 CURRENT_PEER: contextvars.ContextVar[PeerIdentity] = contextvars.ContextVar("hfl_current_peer")
 
 
