@@ -727,7 +727,7 @@ def test_csr_names_the_role_and_dns_names_and_is_signed_by_the_key(key: ratls.En
     csr = x509.load_der_x509_csr(key.csr("trainer-1", ["trainer-1.hfl.internal"], "trainer"))
 
     assert csr.is_signature_valid
-    assert ratls.spki_der(csr.public_key()) == key.spki_der  # type: ignore[arg-type]
+    assert ratls.spki_der(csr.public_key()) == key.spki_der
     assert csr.subject.rfc4514_string() == "CN=trainer-1"
     san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["trainer-1.hfl.internal"]

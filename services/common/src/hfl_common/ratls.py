@@ -69,6 +69,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hfl_common.errors import EvidenceError, InvalidArgumentError
 from hfl_common.identity import ROLE_SAN_PREFIX, role_san
+from hfl_common.identity import spki_der as spki_der  # noqa: PLC0414 (re-exported)
 
 # Kept for callers of the former name; the role URI scheme lives in hfl_common.identity.
 ROLE_URI_PREFIX = ROLE_SAN_PREFIX
@@ -143,14 +144,6 @@ def _fail(reason_code: str, message: str) -> NoReturn:
 
 def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
-
-
-def spki_der(public_key: x509.Certificate | ec.EllipticCurvePublicKey) -> bytes:
-    """DER SubjectPublicKeyInfo of a key or of a certificate's key (what report_data binds)."""
-    key = public_key.public_key() if isinstance(public_key, x509.Certificate) else public_key
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 class EnclaveKey:
