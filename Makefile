@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 BUF_VERSION := 1.47.2
 BUF := node_modules/.bin/buf
 
-.PHONY: help install test test-fast lint proto proto-check buf-breaking demo bench
+.PHONY: help install test test-fast lint proto proto-check buf-breaking demo bench chaos
 .DEFAULT_GOAL := help
 
 help:
@@ -21,6 +21,7 @@ help:
 	@echo "make lint         ruff, ruff format --check, mypy --strict, buf lint, buf breaking"
 	@echo "make proto        regenerate the hfl.v1 Python code;  make proto-check: fail if stale"
 	@echo "make bench        benchmarks (ratios against a baseline in the same run)"
+	@echo "make chaos        the fault and attack suite (tests/chaos; also part of make test)"
 	@echo "make up / down    docker compose: PROFILE=simulated (default) or sgx"
 	@echo "make manifests sign policy sgx-images   Gramine SGX builds (docs/deployment.md)"
 
@@ -54,6 +55,11 @@ bench: install
 	$(PY) benchmarks/bench_attestation.py
 	$(PY) benchmarks/bench_trainer_throughput.py --quick
 	$(PY) benchmarks/bench_compression.py
+
+# The fault and attack suite: issue 11's attacks against real servers, a TCP proxy that
+# stalls and cuts connections, parser fuzzing. A few minutes; CI runs it in `make test`.
+chaos: install
+	$(PY) -m pytest -q -m chaos tests/chaos
 
 # Everything but the tests marked slow.
 test-fast: install

@@ -16,8 +16,10 @@ def test_status_prints_round_trainers_and_plan_hash(live: clikit.LocalFederation
     assert result.returncode == 0, result.stderr
     expected = live.status()
     lines = result.stdout.splitlines()
-    assert lines[0].startswith(f"federation {expected.federation_id}: ")
-    assert f"round 0/{expected.total_rounds}" in lines[0]
+    # a local federation is simulated, and says so first
+    assert lines[0].startswith("!! SIMULATED TEE: the aggregator runs on the simulated")
+    assert lines[2].startswith(f"federation {expected.federation_id}: ")
+    assert f"round 0/{expected.total_rounds}" in lines[2]
     assert f"plan sha256 {expected.plan_sha256}" in lines
     trainer_lines = [line for line in lines if line.strip().startswith("trainer-1 ")]
     assert len(trainer_lines) == 1, result.stdout

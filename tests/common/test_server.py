@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,12 +31,14 @@ from hfl_common.errors import ConfigError, InvalidArgumentError, Unauthenticated
 from hfl_common.metrics import start_metrics_http
 from hfl_common.server import (
     INTERNAL_ERROR_MESSAGE,
+    CallLimits,
     PeerIdentity,
     RoleAuthorizer,
     RunningServer,
     ServerCertificate,
     ServerConfig,
     ServiceRegistration,
+    StreamLimits,
     build_server,
     channel_credentials,
     current_peer,
@@ -219,7 +221,7 @@ class Aggregator(aggregator_pb2_grpc.AggregatorServiceServicer):
     def GetStatus(
         self, request: aggregator_pb2.GetStatusRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.GetStatusResponse:
-        return aggregator_pb2.GetStatusResponse(state="training")
+        return aggregator_pb2.GetStatusResponse(state=aggregator_pb2.FEDERATION_STATE_TRAINING)
 
 
 AUTHORIZER = RoleAuthorizer(
@@ -265,6 +267,9 @@ class Served:
 
     def stub(self, issued: Issued | None = None) -> aggregator_pb2_grpc.AggregatorServiceStub:
         return aggregator_pb2_grpc.AggregatorServiceStub(self.channel(issued))
+
+    def running_in_flight(self) -> float:
+        return self.registry.get_sample_value("hfl_grpc_calls_in_flight") or 0.0
 
     def requests(self, method: str, code: str) -> float:
         value = self.registry.get_sample_value(
@@ -701,7 +706,7 @@ def test_peer_identity_reads_role_and_id_from_the_uri_sans(pki: Pki) -> None:
 
 def test_role_san_refuses_a_malformed_role() -> None:
     assert role_san("trainer") == "hfl://role/trainer"
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(InvalidArgumentError) as caught:
         role_san("Trainer/1")
     assert str(caught.value) == (
         "role 'Trainer/1' is not a valid role name (lowercase letters, digits and '-', "
@@ -715,7 +720,7 @@ def test_current_peer_outside_a_call_is_an_error() -> None:
     assert str(caught.value) == "current_peer() called outside an RPC served by hfl_common.server"
 
 
-def test_sigterm_drains_health_then_exits_zero(pki: Pki, tmp_path: Path) -> None:
+def test_sigterm_stops_serving_then_exits_zero(pki: Pki, tmp_path: Path) -> None:
     (tmp_path / "server.key").write_bytes(pki.server.key_pem)
     (tmp_path / "server.pem").write_bytes(pki.server.cert_pem)
     (tmp_path / "ca.pem").write_bytes(pki.ca.pem)
@@ -737,17 +742,195 @@ def test_sigterm_drains_health_then_exits_zero(pki: Pki, tmp_path: Path) -> None
             pki.client(pki.trainer),
             target_name_override=role_dns_name("aggregator"),
         )
-        watch = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(service=""), timeout=20
-        )
-        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        assert health_status(channel, "") == health_pb2.HealthCheckResponse.SERVING
 
         process.send_signal(signal.SIGTERM)
 
-        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Draining: health says NOT_SERVING, or new calls are no longer accepted at all.
+        deadline = time.monotonic() + 15
+        seen: object = health_pb2.HealthCheckResponse.SERVING
+        while seen == health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+            try:
+                seen = health_status(channel, "")
+            except grpc.RpcError as err:
+                seen = err.code()
+            time.sleep(0.05)
+        assert seen in (health_pb2.HealthCheckResponse.NOT_SERVING, grpc.StatusCode.UNAVAILABLE)
         assert process.wait(timeout=15) == 0
         assert (tmp_path / "hook-ran").read_text() == "yes"
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# --- bounded resources: the attacks of issue 11, against a real server ----------------------
+
+
+def _serve(pki: Pki, config: ServerConfig) -> tuple[RunningServer, CollectorRegistry]:
+    registry = CollectorRegistry()
+    running = build_server(
+        config,
+        services=[registration()],
+        credentials=server_credentials(pki.server_certificate()),
+        registry=registry,
+        authorizer=AUTHORIZER,
+    )
+    running.set_serving(True)
+    return running, registry
+
+
+def _served(pki: Pki, config: ServerConfig) -> Served:
+    running, registry = _serve(pki, config)
+    return Served(running, registry, pki)
+
+
+class IdleUploads:
+    """Client streams that open UploadUpdate and then send nothing, until closed."""
+
+    def __init__(self) -> None:
+        self._release = threading.Event()
+        self.calls: list[grpc.Future] = []  # type: ignore[type-arg]
+
+    def requests(self) -> Iterator[aggregator_pb2.UploadUpdateRequest]:
+        self._release.wait(60)
+        return
+        yield  # a generator that yields nothing until released
+
+    def open(self, stub: aggregator_pb2_grpc.AggregatorServiceStub, timeout: float = 60) -> None:
+        self.calls.append(stub.UploadUpdate.future(self.requests(), timeout=timeout))
+
+    def close(self) -> None:
+        self._release.set()
+        for call in self.calls:
+            call.cancel()
+
+
+def _refusals(registry: CollectorRegistry, method: str, reason: str) -> float:
+    value = registry.get_sample_value(
+        "hfl_grpc_refusals_total", {"service": AGGREGATOR, "method": method, "reason": reason}
+    )
+    return value or 0.0
+
+
+def _wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_sixteen_health_watches_with_the_operator_certificate_leave_get_status_answering(
+    pki: Pki,
+) -> None:
+    # The attack: 16 Watch streams blocked every worker of a 16-worker aggregator.
+    served = _served(pki, replace(CONFIG, max_workers=16))
+    with served.running:
+        channel = served.channel(pki.operator)
+        health = health_pb2_grpc.HealthStub(channel)
+        watches = [
+            health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30) for _ in range(16)
+        ]
+        for watch in watches:
+            with pytest.raises(grpc.RpcError) as caught:
+                next(watch)
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "poll Health/Check instead" in (caught.value.details() or "")
+        status = served.stub(pki.operator).GetStatus(aggregator_pb2.GetStatusRequest(), timeout=2)
+        assert status.state == aggregator_pb2.FEDERATION_STATE_TRAINING
+        assert health_status(channel, "") == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_idle_streams_beyond_the_per_peer_limit_are_refused_at_once(pki: Pki) -> None:
+    limits = CallLimits(per_peer=3)
+    served = _served(pki, replace(CONFIG, max_workers=8, limits=limits))
+    idle = IdleUploads()
+    with served.running:
+        stub = served.stub(pki.trainer)
+        try:
+            for _ in range(3):
+                idle.open(stub)
+            assert _wait_for(lambda: served.running_in_flight() == 3)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.UploadUpdate(iter([aggregator_pb2.UploadUpdateRequest()]), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "already has 3 calls in flight" in (caught.value.details() or "")
+            assert _refusals(served.registry, "UploadUpdate", "peer_limit") == 1.0
+            # another peer, and the operator's status poll, are not affected
+            status = served.stub(pki.operator).GetStatus(
+                aggregator_pb2.GetStatusRequest(), timeout=2
+            )
+            assert status.state == aggregator_pb2.FEDERATION_STATE_TRAINING
+        finally:
+            idle.close()
+
+
+def test_ordinary_calls_never_take_the_workers_kept_for_status_and_health(pki: Pki) -> None:
+    limits = CallLimits(per_peer=10, control_reserve=2)
+    served = _served(pki, replace(CONFIG, max_workers=4, limits=limits))
+    trainers = [pki.ca.issue(role="trainer", peer_id=f"{i:02x}") for i in range(3)]
+    idle = IdleUploads()
+    with served.running:
+        try:
+            idle.open(served.stub(trainers[0]))
+            idle.open(served.stub(trainers[1]))
+            assert _wait_for(lambda: served.running_in_flight() == 2)
+            with pytest.raises(grpc.RpcError) as caught:
+                served.stub(trainers[2]).UploadUpdate(
+                    iter([aggregator_pb2.UploadUpdateRequest()]), timeout=5
+                )
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "server is busy" in (caught.value.details() or "")
+            assert _refusals(served.registry, "UploadUpdate", "server_busy") == 1.0
+            operator = served.stub(pki.operator)
+            assert operator.GetStatus(aggregator_pb2.GetStatusRequest(), timeout=2).state
+            assert health_status(served.channel(pki.operator), "") == 1
+        finally:
+            idle.close()
+
+
+def test_an_idle_stream_is_cut_by_the_idle_deadline_and_frees_its_worker(pki: Pki) -> None:
+    limits = CallLimits(streams=StreamLimits(idle_seconds=0.5, max_seconds=30))
+    served = _served(pki, replace(CONFIG, max_workers=4, limits=limits))
+    idle = IdleUploads()
+    with served.running:
+        try:
+            idle.open(served.stub(pki.trainer))
+            with pytest.raises(grpc.RpcError) as caught:
+                idle.calls[0].result(timeout=10)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "no message for 0.5 s" in (caught.value.details() or "")
+            assert _wait_for(lambda: served.running_in_flight() == 0)
+            assert _refusals(served.registry, "UploadUpdate", "stream_idle") == 1.0
+            assert _wait_for(lambda: served.requests("UploadUpdate", "DEADLINE_EXCEEDED") == 1)
+        finally:
+            idle.close()
+
+
+def test_a_stream_that_keeps_sending_is_cut_at_the_whole_stream_deadline(pki: Pki) -> None:
+    limits = CallLimits(streams=StreamLimits(idle_seconds=0.5, max_seconds=1.0))
+    served = _served(pki, replace(CONFIG, max_workers=4, limits=limits))
+    stop = threading.Event()
+
+    def trickle() -> Iterator[aggregator_pb2.UploadUpdateRequest]:
+        while not stop.wait(0.1):
+            yield aggregator_pb2.UploadUpdateRequest(chunk=tensor_pb2.TensorChunk(data=b"x"))
+
+    with served.running:
+        try:
+            with pytest.raises(grpc.RpcError) as caught:
+                served.stub().UploadUpdate(trickle(), timeout=20)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "the longest the server allows" in (caught.value.details() or "")
+            assert _refusals(served.registry, "UploadUpdate", "stream_max") == 1.0
+        finally:
+            stop.set()
+
+
+def test_limits_refuse_nonsense_configuration() -> None:
+    with pytest.raises(ConfigError, match="control_reserve 4 leaves no worker"):
+        ServerConfig(service="x", max_workers=4, limits=CallLimits(control_reserve=4))
+    with pytest.raises(ConfigError, match="idle_seconds 5 must be positive and at most"):
+        StreamLimits(idle_seconds=5, max_seconds=1)

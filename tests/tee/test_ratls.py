@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hfl_common import ratls
 from hfl_common.errors import EvidenceError, InvalidArgumentError
+from hfl_common.identity import roles_in
 from hfl_common.tee.providers import SimulatedProvider
 from hfl_common.tee.simulation import EnclaveIdentity, SimulatedPlatform
 from hfl_common.tee.verify import QuoteVerifier
@@ -366,7 +367,7 @@ def test_our_certificate_is_p384_self_signed_with_role_and_dns_names(
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "aggregator"
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["localhost"]
-    assert ratls.roles_in(cert) == ["aggregator"]
+    assert roles_in(cert) == ["aggregator"]
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
 
 
@@ -726,12 +727,12 @@ def test_csr_names_the_role_and_dns_names_and_is_signed_by_the_key(key: ratls.En
     csr = x509.load_der_x509_csr(key.csr("trainer-1", ["trainer-1.hfl.internal"], "trainer"))
 
     assert csr.is_signature_valid
-    assert ratls.spki_der(csr.public_key()) == key.spki_der  # type: ignore[arg-type]
+    assert ratls.spki_der(csr.public_key()) == key.spki_der
     assert csr.subject.rfc4514_string() == "CN=trainer-1"
     san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["trainer-1.hfl.internal"]
-    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:hfl:role:trainer"]
-    assert ratls.roles_in(csr) == ["trainer"]
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["hfl://role/trainer"]
+    assert roles_in(csr) == ["trainer"]
     with pytest.raises(InvalidArgumentError, match="'' is not a valid role name"):
         key.csr("x", [], "")
 
@@ -812,7 +813,7 @@ def test_grpc_mutual_tls_with_pinned_ra_tls_certificates_and_peer_binding() -> N
     (peer,) = seen
     assert peer.spki_sha256 == client_key.spki_sha256
     ratls.check_key_binding(peer, ratls.report_data_unverified(peer.quote))
-    assert ratls.roles_in(peer.certificate) == ["trainer"]
+    assert roles_in(peer.certificate) == ["trainer"]
 
 
 # --- end to end with the simulated TEE and the real verifier (dcap-qvl) ------------------------

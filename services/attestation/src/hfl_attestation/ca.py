@@ -10,7 +10,8 @@ issued before the restart still chain to the CA.
 Leaf certificates (see `FederationCA.issue`) are short-lived and carry:
 
 - URI SAN ``hfl://role/<role>`` and ``hfl://id/<first 16 hex of SHA-256(SPKI)>``
-  (hfl_common.server's identity convention, read back by `PeerIdentity`);
+  (hfl_common.identity's convention, read back by `PeerIdentity`), and for a trainer of
+  an enrolled party ``hfl://party/<name>``;
 - DNS SAN ``<role>.hfl.internal`` (`role_dns_name`) and the key-pinned name
   ``k-<first 32 hex of SHA-256(SPKI)>.hfl.internal`` (`key_dns_name`), which a client
   that has re-verified a server's quote uses as the TLS target name, so its channel
@@ -36,11 +37,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from hfl_common.attest_client import key_dns_name, peer_id_for
 from hfl_common.errors import ConfigError, InvalidArgumentError
+from hfl_common.identity import (
+    id_san,
+    key_dns_name,
+    party_san,
+    peer_id_for,
+    role_dns_name,
+    role_san,
+)
 from hfl_common.ratls import tls_leaf_profile
 from hfl_common.sealing import SealingKeySource, read_sealed, write_atomic, write_sealed
-from hfl_common.server import id_san, role_dns_name, role_san
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +81,7 @@ def load_csr(csr_der: bytes) -> x509.CertificateSigningRequest:
         csr = x509.load_der_x509_csr(bytes(csr_der))
         valid = csr.is_signature_valid
         public_key = csr.public_key()
-    except (ValueError, UnsupportedAlgorithm) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
         raise InvalidArgumentError(
             f"the certificate signing request is not DER PKCS#10: {exc}"
         ) from None
@@ -207,8 +214,10 @@ class FederationCA:
         lifetime_seconds: int,
         label: str = "",
         now: dt.datetime | None = None,
+        party: str | None = None,
     ) -> IssuedLeaf:
-        """Sign a leaf for the CSR's key. The caller has verified the key's evidence."""
+        """Sign a leaf for the CSR's key. The caller has verified the key's evidence (and,
+        for `party`, the party's enrolment of the key)."""
         now = now or dt.datetime.now(dt.UTC)
         if lifetime_seconds <= 0:
             raise InvalidArgumentError(f"certificate lifetime {lifetime_seconds} s is not positive")
@@ -235,6 +244,11 @@ class FederationCA:
                     [
                         x509.UniformResourceIdentifier(role_san(role)),
                         x509.UniformResourceIdentifier(id_san(peer_id)),
+                        *(
+                            [x509.UniformResourceIdentifier(party_san(party))]
+                            if party is not None
+                            else []
+                        ),
                         x509.DNSName(role_dns_name(role)),
                         x509.DNSName(key_dns_name(spki_sha)),
                     ]

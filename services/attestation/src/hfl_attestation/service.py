@@ -2,9 +2,12 @@
 
 `start_attestation_service` is the builder main() and the tests use. At start it
 
-1. unseals (or creates and seals) the federation CA key (hfl_attestation.ca);
+1. unseals (or creates and seals) the federation CA key (hfl_attestation.ca), and raises
+   its sealed state generation by one (hfl_common.freshness: clients refuse a service
+   whose generation went back, i.e. whose sealed state was rolled back);
 2. generates its own TLS key in the enclave and a SELF-SIGNED RA-TLS certificate for it
-   (quote from the evidence provider, report_data[0:32] = SHA-256(SPKI), Gramine's
+   (quote from the evidence provider, report_data[0:32] = SHA-256(SPKI),
+   report_data[32:48] = the state generation, Gramine's
    extensions; DNS SANs ``attestation.hfl.internal`` and the key-pinned name), which
    clients verify and pin (hfl_common.attest_client.bootstrap_attestation_service);
 3. serves gRPC over TLS with that certificate. Client certificates are not asked for on
@@ -20,13 +23,20 @@ RPCs (hfl.v1.AttestationService):
   role sends no evidence: its SPKI SHA-256 must be in the policy's operator list.
   Refusals: PERMISSION_DENIED with the verdict's reason; unreadable requests or
   evidence: INVALID_ARGUMENT.
-- VerifyEvidence: the verdict, accepted or not (a refusal is an answer, not an error).
+- VerifyEvidence: the verdict, accepted or not (a policy refusal is an answer, not an
+  error); evidence that cannot be read at all, or none, is INVALID_ARGUMENT with the
+  reason, as in IssueCertificate.
+
+Callers without a client certificate (every enclave before its first certificate) reach
+only `ANONYMOUS_METHODS`, rate-limited per IP address (hfl_common.server.CallLimits):
+reflection and health Watch are closed to them.
 - GetTrustBundle: CA certificate, this service's RA-TLS certificate, policy SHA-256.
 - GetPolicy: the policy text as loaded, and its SHA-256.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -44,12 +54,15 @@ from hfl_common.api import attestation_pb2, attestation_pb2_grpc
 from hfl_common.attest_client import (
     ATTESTATION_ROLE,
     OPERATOR_ROLE,
-    key_dns_name,
+    TRAINER_ROLE,
     role_name,
     verify_ra_tls_certificate,
 )
 from hfl_common.config import AttestationPolicy
+from hfl_common.enrolment import Enrolment
 from hfl_common.errors import EvidenceError, InvalidArgumentError, PermissionDeniedError
+from hfl_common.freshness import advance_generation, encode_generation
+from hfl_common.identity import key_dns_name, role_dns_name, roles_in
 from hfl_common.ratls import (
     LEGACY_QUOTE_OID,
     TCG_DICE_TAGGED_EVIDENCE_OID,
@@ -60,17 +73,16 @@ from hfl_common.ratls import (
     certificate_pem,
     make_ra_tls_certificate,
     parse_ra_tls_certificate,
-    roles_in,
 )
 from hfl_common.sealing import SealingKeySource
 from hfl_common.server import (
+    HEALTH_CHECK_METHOD,
     PeerIdentity,
     RunningServer,
     ServerCertificate,
     ServerConfig,
     ServiceRegistration,
     build_server,
-    role_dns_name,
 )
 from hfl_common.tee.verify import QuoteVerifier, Verdict
 
@@ -82,6 +94,19 @@ SELF_CERTIFICATE_VALIDITY = dt.timedelta(days=30)
 # Evidence that is not readable at all is a malformed request, not a refusal.
 _MALFORMED_CODES = frozenset(
     {"quote_malformed", "certificate_malformed", "evidence_malformed", "report_data_malformed"}
+)
+
+
+# What an anonymous caller may call: bootstrap (the trust bundle and policy, a certificate
+# for its evidence), checking evidence, and the health probe.
+ANONYMOUS_METHODS = frozenset(
+    {
+        f"/{SERVICE_NAME}/IssueCertificate",
+        f"/{SERVICE_NAME}/VerifyEvidence",
+        f"/{SERVICE_NAME}/GetTrustBundle",
+        f"/{SERVICE_NAME}/GetPolicy",
+        HEALTH_CHECK_METHOD,
+    }
 )
 
 
@@ -176,6 +201,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
                 f"the CSR names role {', '.join(csr_roles)} but the request asks for {role}"
             )
         spki_sha = hashlib.sha256(csr_spki_der(csr)).digest()
+        party = self._enrolled_party(csr, role, spki_sha)
         extensions: list[x509.Extension[x509.ExtensionType]] = []
         if role == OPERATOR_ROLE:
             if spki_sha not in self._policy.operator_spki_sha256:
@@ -193,6 +219,7 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
             evidence_extensions=extensions,
             lifetime_seconds=self._policy.certificate_lifetime_seconds,
             label=request.label,
+            party=party,
         )
         self._metrics.issued.labels(role=role).inc()
         response = attestation_pb2.IssueCertificateResponse(
@@ -202,6 +229,38 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
         )
         response.not_after.FromDatetime(leaf.not_after)
         return response
+
+    def _enrolled_party(
+        self, csr: x509.CertificateSigningRequest, role: str, spki_sha: bytes
+    ) -> str | None:
+        """The party a trainer's CSR proves it belongs to (hfl_common.enrolment), or None
+        when the policy enrols no parties; refusals say what is missing."""
+        enrolment = Enrolment.from_csr(csr)
+        parties = self._policy.parties
+        if role != TRAINER_ROLE:
+            if enrolment is not None:
+                raise InvalidArgumentError(
+                    f"only trainers enrol in a party; the {role} CSR carries an enrolment"
+                )
+            return None
+        if enrolment is None:
+            if parties:
+                raise PermissionDeniedError(
+                    "this federation's policy enrols parties "
+                    f"({', '.join(sorted(parties))}); a trainer must present an enrolment "
+                    "signed by its party's key (trainer flags --party NAME --party-key FILE)",
+                    "party_enrolment_missing",
+                )
+            return None
+        party = parties.get(enrolment.party)
+        if party is None:
+            raise PermissionDeniedError(
+                f"party {enrolment.party} is not enrolled in this federation's policy "
+                f"(enrolled: {', '.join(sorted(parties)) or 'none'})",
+                "party_not_enrolled",
+            )
+        enrolment.verify(party.public_key, spki_sha)
+        return party.name
 
     def _verify_enclave_evidence(
         self, evidence: attestation_pb2.Evidence, role: str, spki_sha: bytes
@@ -256,14 +315,15 @@ class AttestationServicer(attestation_pb2_grpc.AttestationServiceServicer):
         if kind == "sgx_quote":
             verdict = self._verifier.verify_quote(bytes(request.evidence.sgx_quote), role, at=at)
         elif kind == "ra_tls_certificate":
-            try:
-                cert = parse_ra_tls_certificate(bytes(request.evidence.ra_tls_certificate))
-            except EvidenceError as exc:
-                verdict = Verdict(False, exc.reason_code, str(exc), role)
-            else:
-                verdict = verify_ra_tls_certificate(cert, self._verifier, role, at=at)
+            cert = _parse_evidence_certificate(bytes(request.evidence.ra_tls_certificate), role)
+            verdict = verify_ra_tls_certificate(cert, self._verifier, role, at=at)
         else:
-            verdict = Verdict(False, "evidence_missing", "the request carries no evidence", role)
+            raise InvalidArgumentError(
+                "VerifyEvidence needs evidence: an sgx_quote or an ra_tls_certificate"
+            )
+        if not verdict.accepted and verdict.reason_code in _MALFORMED_CODES:
+            # Unreadable evidence is a malformed request, as in IssueCertificate.
+            raise _refusal(verdict)
         return attestation_pb2.VerifyEvidenceResponse(verdict=verdict.to_proto())
 
     # -- trust bundle and policy ------------------------------------------------------
@@ -310,6 +370,7 @@ class RunningAttestationService:
     key_dns_name: str
     servicer: AttestationServicer
     own_certificate: OwnCertificate
+    generation: int = 0  # the sealed state's generation, attested (hfl_common.freshness)
 
     @property
     def certificate_pem(self) -> bytes:
@@ -344,9 +405,17 @@ def start_attestation_service(
             "enclaves without a certificate prove themselves in-band"
         )
     ca = FederationCA.load_or_create(config.state_dir, sealing)
+    # Raised and sealed before serving; attested in our own certificate (freshness).
+    generation = advance_generation(config.state_dir, sealing)
     key = EnclaveKey.generate()
     pinned_name = key_dns_name(key.spki_sha256)
-    own = OwnCertificate(key, provider, verifier, config.self_certificate_validity)
+    own = OwnCertificate(
+        key,
+        provider,
+        verifier,
+        config.self_certificate_validity,
+        user_data=encode_generation(generation),
+    )
     own_pem = own.renew()
     servicer = AttestationServicer(
         ca=ca,
@@ -362,8 +431,14 @@ def start_attestation_service(
         # certificates are optional here; those presented must chain to the federation CA.
         return ServerCertificate(key_pem, servicer.own_certificate_pem, ca.pem)
 
+    server_config = config.server
+    if server_config.limits.anonymous_methods is None:
+        server_config = dataclasses.replace(
+            server_config,
+            limits=dataclasses.replace(server_config.limits, anonymous_methods=ANONYMOUS_METHODS),
+        )
     server = build_server(
-        config.server,
+        server_config,
         services=[
             ServiceRegistration(
                 name=SERVICE_NAME,
@@ -391,6 +466,7 @@ def start_attestation_service(
         key_dns_name=pinned_name,
         servicer=servicer,
         own_certificate=own,
+        generation=generation,
     )
 
 
@@ -409,7 +485,10 @@ class OwnCertificate:
         provider: QuoteProvider,
         verifier: QuoteVerifier,
         validity: dt.timedelta,
+        *,
+        user_data: bytes = b"",
     ) -> None:
+        self._user_data = user_data
         self._key = key
         self._provider = provider
         self._verifier = verifier
@@ -428,6 +507,7 @@ class OwnCertificate:
             dns_names=(role_dns_name(ATTESTATION_ROLE), key_dns_name(self._key.spki_sha256)),
             role=ATTESTATION_ROLE,
             validity=self._validity,
+            user_data=self._user_data,
         )
         parsed = parse_ra_tls_certificate(der)
         verdict = verify_ra_tls_certificate(parsed, self._verifier, ATTESTATION_ROLE)

@@ -149,7 +149,8 @@ def _init_main(argv: Sequence[str] | None) -> int:
         return 0
     prepared = prepare(ns.directory, PlanOptions(trainers=ns.trainers, rounds=ns.rounds))
     print(
-        f"wrote {prepared.policy}, {prepared.plan}, {prepared.platform}/, {prepared.operator_dir}/"
+        f"wrote {prepared.policy}, {prepared.plan}, {prepared.platform}/, "
+        f"{prepared.operator_dir}/, {prepared.directory / 'parties'}/"
     )
     return 0
 

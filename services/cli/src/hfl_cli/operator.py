@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from hfl_common.attest_client import (
 from hfl_common.config import load_policy
 from hfl_common.errors import ConfigError, UnavailableError
 from hfl_common.ratls import EnclaveKey
-from hfl_common.tee import DirectoryCollateral, QuoteVerifier, SimulatedPlatform
+from hfl_common.tee import DirectoryCollateral, QuoteVerifier, SimulatedPlatform, Verdict
 
 
 @dataclass(frozen=True)
@@ -108,9 +108,21 @@ def load_operator_credentials(
     return OperatorCredentials(directory, ServiceCredentials(key, issued), verifier)
 
 
-def aggregator_channel(target: str, operator: OperatorCredentials) -> grpc.Channel:
+def aggregator_channel(
+    target: str,
+    operator: OperatorCredentials,
+    on_verdict: Callable[[Verdict], None] | None = None,
+) -> grpc.Channel:
     """A channel to the aggregator, after re-verifying its attested certificate."""
-    return connect_verified(target, operator.credentials, operator.verifier, "aggregator")
+    return connect_verified(
+        target, operator.credentials, operator.verifier, "aggregator", on_verdict=on_verdict
+    )
+
+
+SIMULATED_BANNER = (
+    "!! SIMULATED TEE: {who} runs on the simulated SGX platform (development root, no "
+    "hardware protection); never use this federation for real data !!"
+)
 
 
 def _fmt(value: float) -> str:
@@ -126,12 +138,19 @@ def enum_name(value: int, enum: Any, prefix: str) -> str:
     return name.removeprefix(prefix).lower()
 
 
-def format_status(s: aggregator_pb2.GetStatusResponse, last_rounds: int = 10) -> str:
+def format_status(
+    s: aggregator_pb2.GetStatusResponse, last_rounds: int = 10, simulated: Sequence[str] = ()
+) -> str:
+    """The status as text; `simulated` names the parties whose verified evidence is
+    simulated, shown in a banner first. (The aggregator's comes from its quote; the
+    trainers' from GetStatus once TrainerStatus carries the verdict's `simulated`.)"""
     state = enum_name(s.state, aggregator_pb2.FederationState, "FEDERATION_STATE_")
     mode = enum_name(s.mode, aggregator_pb2.AggregationMode, "AGGREGATION_MODE_")
     if s.mode == aggregator_pb2.AGGREGATION_MODE_ASYNC:
         mode += f" (buffer {s.buffer_size})"
+    banner = [SIMULATED_BANNER.format(who=", ".join(simulated)), ""] if simulated else []
     lines = [
+        *banner,
         f"federation {s.federation_id}: {state}, round {s.round}/{s.total_rounds}, "
         f"model version {s.model_version}",
         f"plan sha256 {s.plan_sha256}",
@@ -187,7 +206,13 @@ def status_main(argv: Sequence[str] | None) -> int:
     if operator_dir is None or policy is None or aggregator is None:
         raise ConfigError("give --run DIR, or --aggregator, --operator-dir and --policy")
     operator = load_operator_credentials(operator_dir, policy, platform, ns.collateral_dir)
-    channel = aggregator_channel(aggregator, operator)
+    simulated: list[str] = []
+
+    def note(verdict: Verdict) -> None:
+        if verdict.simulated:
+            simulated.append("the aggregator")
+
+    channel = aggregator_channel(aggregator, operator, note)
     try:
         status = aggregator_pb2_grpc.AggregatorServiceStub(channel).GetStatus(
             aggregator_pb2.GetStatusRequest(), timeout=10
@@ -204,7 +229,7 @@ def status_main(argv: Sequence[str] | None) -> int:
 
         print(json_format.MessageToJson(status))
     else:
-        print(format_status(status, ns.rounds))
+        print(format_status(status, ns.rounds, simulated))
     return 0
 
 

@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import grpc
 
-from hfl_cli.local import PlanOptions, Prepared, prepare
+from hfl_cli.local import PlanOptions, Prepared, party_key_path, party_name, prepare
 from hfl_cli.operator import OperatorCredentials, aggregator_channel, obtain_operator_certificate
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc
 from hfl_common.errors import ConfigError, HflError, UnavailableError
@@ -244,8 +244,9 @@ def run(opts: RunOptions) -> int:
 def service_args(
     prepared: Prepared, name: str, *, listen: str = "127.0.0.1:0", policy: Path | None = None
 ) -> list[str]:
-    """The flags every service of a local federation takes, with its own state dir."""
-    return [
+    """The flags every service of a local federation takes, with its own state dir; a
+    trainer ("trainer-N") also gets its party's enrolment key when the run enrolled one."""
+    args = [
         "--policy", str(policy or prepared.policy),
         "--tee", "simulated",
         "--sim-platform", str(prepared.platform),
@@ -253,6 +254,13 @@ def service_args(
         "--listen", listen,
         "--metrics-listen", "127.0.0.1:0",
     ]  # fmt: skip
+    number = name.removeprefix("trainer-")
+    if name.startswith("trainer-") and number.isdigit():
+        party = party_name(int(number) - 1)
+        key = party_key_path(prepared.directory, party)
+        if key.exists():
+            args += ["--party", party, "--party-key", str(key)]
+    return args
 
 
 def trainer_args(
@@ -326,20 +334,60 @@ def _run_services(
     return _follow(supervisor, federation.operator, federation.aggregator, opts)
 
 
+# GetStatus failures that a busy or slow aggregator gives; anything else ends the run.
+_TRANSIENT_STATUS = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNAVAILABLE,
+    }
+)
+STATUS_PATIENCE_SECONDS = 120.0
+
+
+@dataclass
+class StatusPatience:
+    """Whether `hfl run` keeps polling a status that did not answer.
+
+    A slow or busy answer (DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNAVAILABLE) while the
+    aggregator process lives is not the end of the federation: keep asking for up to
+    `seconds` since the first failure in a row. Any other failure ends the run at once.
+    """
+
+    seconds: float = STATUS_PATIENCE_SECONDS
+    failing_since: float | None = None
+
+    def answered(self) -> None:
+        self.failing_since = None
+
+    def keep_asking(self, code: grpc.StatusCode | None, now: float) -> bool:
+        if code not in _TRANSIENT_STATUS:
+            return False
+        if self.failing_since is None:
+            self.failing_since = now
+        return now - self.failing_since <= self.seconds
+
+
 def _follow(
     supervisor: Supervisor, operator: OperatorCredentials, aggregator: str, opts: RunOptions
 ) -> aggregator_pb2.GetStatusResponse:
     channel = aggregator_channel(aggregator, operator)
     stub = aggregator_pb2_grpc.AggregatorServiceStub(channel)
     shown: set[tuple[int, int]] = set()
+    patience = StatusPatience()
     try:
         while True:
             supervisor.check_alive(["attestation", "aggregator"])
             try:
                 status = stub.GetStatus(aggregator_pb2.GetStatusRequest(), timeout=10)
+                patience.answered()
             except grpc.RpcError as err:
                 code = err.code() if isinstance(err, grpc.Call) else None
-                raise UnavailableError(f"aggregator Status failed: {code}: {err}") from None
+                if not patience.keep_asking(code, time.monotonic()):
+                    raise UnavailableError(f"aggregator Status failed: {code}: {err}") from None
+                _say(f"  (aggregator status not answered: {code}; asking again)")
+                time.sleep(POLL_SECONDS)
+                continue
             for r in status.rounds:
                 key = (r.round, r.attempt)
                 settled = r.state == aggregator_pb2.ROUND_STATE_FAILED or (

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hfl_common.enrolment import PartyPublicKey, parse_public_key_text
 from hfl_common.errors import ConfigError
+from hfl_common.identity import NAME_RE
 from hfl_common.strategy_registry import STRATEGY_NAMES, check_mode, resolve_params
 
 ROLES = ("attestation", "aggregator", "trainer")
@@ -199,6 +201,20 @@ class AttestationPolicy:
     certificate_lifetime_seconds: int
     sha256: bytes = b""
     text: str = field(default="", repr=False)
+    # Enrolled parties by name ([parties.<name>]); empty: trainers need no enrolment.
+    parties: Mapping[str, PartyPolicy] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PartyPolicy:
+    """An enrolled party (organisation): its name and its public enrolment key.
+
+    A trainer certificate names this party only for an enclave key the party's key
+    signed an enrolment for (hfl_common.enrolment).
+    """
+
+    name: str
+    public_key: PartyPublicKey = field(repr=False)
 
 
 # dcap-qvl's names for TCB statuses (Intel PCS "tcbStatus" values).
@@ -263,6 +279,7 @@ def parse_policy(text: str, source: str = "policy") -> AttestationPolicy:
     certs = top.table("certificates")
     lifetime = certs.get_int("lifetime_seconds", default=3600, lo=60, hi=7 * 24 * 3600)
     certs.finish()
+    parties = _parse_parties(top.table("parties"))
     top.finish()
     return AttestationPolicy(
         roles=roles,
@@ -275,7 +292,32 @@ def parse_policy(text: str, source: str = "policy") -> AttestationPolicy:
         certificate_lifetime_seconds=lifetime,
         sha256=hashlib.sha256(text.encode()).digest(),
         text=text,
+        parties=parties,
     )
+
+
+def _parse_parties(table: _Table) -> dict[str, PartyPolicy]:
+    """[parties.<name>] public_key = "<base64 DER SubjectPublicKeyInfo>" for each party."""
+    parties: dict[str, PartyPolicy] = {}
+    keys: dict[str, str] = {}
+    for name in sorted(table.data):
+        if not NAME_RE.fullmatch(name):
+            raise table.error(
+                name,
+                "is not a valid party name (lowercase letters, digits and '-', starting with "
+                "a letter, at most 63 characters)",
+            )
+        t = table.table(name)
+        text = t.get_str("public_key")
+        key = parse_public_key_text(text, f"{table.source}: [parties.{name}] public_key")
+        t.finish()
+        if text.strip() in keys:
+            raise t.error(
+                "public_key", f"is also party {keys[text.strip()]}'s key; one key per party"
+            )
+        keys[text.strip()] = name
+        parties[name] = PartyPolicy(name, key)
+    return parties
 
 
 def load_policy(path: Path) -> AttestationPolicy:

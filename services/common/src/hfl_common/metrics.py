@@ -81,6 +81,22 @@ class GrpcServerMetrics:
             ("service", "method"),
             registry=registry,
         )
+        self.refusals = Counter(
+            "hfl_grpc_refusals_total",
+            "Calls refused by a resource limit before their handler ran, by reason "
+            "(peer_limit, server_busy, rate_limited, anonymous_method) or cut by a stream "
+            "deadline (stream_idle, stream_max).",
+            ("service", "method", "reason"),
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "hfl_grpc_calls_in_flight",
+            "Calls admitted and not yet finished.",
+            registry=registry,
+        )
+
+    def refused(self, service: str, method: str, reason: str) -> None:
+        self.refusals.labels(service, method, reason).inc()
 
     def received(self, service: str, method: str, size: int) -> None:
         self.received_bytes.labels(service, method).inc(size)
@@ -104,6 +120,21 @@ def register_build_info(registry: CollectorRegistry, service: str, version: str)
         registry=registry,
     )
     gauge.labels(service, version).set(1)
+    return gauge
+
+
+def register_tee_simulated(registry: CollectorRegistry, simulated: bool) -> Gauge:
+    """`hfl_tee_simulated 1` when this process runs on the simulated TEE, 0 on real SGX.
+
+    A simulated enclave protects nothing from its host (docs/security.md); alert on 1 in
+    any deployment that is meant to be production.
+    """
+    gauge = Gauge(
+        "hfl_tee_simulated",
+        "1 when this service's enclave is simulated (no hardware protection), 0 on SGX.",
+        registry=registry,
+    )
+    gauge.set(1 if simulated else 0)
     return gauge
 
 

@@ -56,7 +56,6 @@ import enum
 import hashlib
 import io
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
@@ -69,6 +68,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hfl_common.errors import EvidenceError, InvalidArgumentError
+from hfl_common.identity import ROLE_SAN_PREFIX, role_san
+from hfl_common.identity import spki_der as spki_der  # noqa: PLC0414 (re-exported)
+
+# Kept for callers of the former name; the role URI scheme lives in hfl_common.identity.
+ROLE_URI_PREFIX = ROLE_SAN_PREFIX
+role_uri = role_san
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +120,6 @@ MAX_CERTIFICATE_SIZE = 64 * 1024
 # Nesting allowed in the DICE CBOR (Gramine's evidence is three levels deep).
 _CBOR_MAX_DEPTH = 8
 
-# Subject Alternative Name URI naming the role an enclave key asks for.
-ROLE_URI_PREFIX = "urn:hfl:role:"
-_ROLE_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
-
 # Our certificates: backdate not_before a little for peers whose clocks run behind.
 CLOCK_SKEW = dt.timedelta(minutes=5)
 DEFAULT_VALIDITY = dt.timedelta(hours=24)
@@ -143,36 +144,6 @@ def _fail(reason_code: str, message: str) -> NoReturn:
 
 def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
-
-
-def spki_der(public_key: x509.Certificate | ec.EllipticCurvePublicKey) -> bytes:
-    """DER SubjectPublicKeyInfo of a key or of a certificate's key (what report_data binds)."""
-    key = public_key.public_key() if isinstance(public_key, x509.Certificate) else public_key
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def role_uri(role: str) -> str:
-    """The SAN URI that names `role` ("trainer" -> "urn:hfl:role:trainer")."""
-    if not _ROLE_RE.fullmatch(role):
-        raise InvalidArgumentError(
-            f"role {role!r} is not a valid role name: use lower-case letters, digits, '-' or '_'"
-        )
-    return ROLE_URI_PREFIX + role
-
-
-def roles_in(cert_or_csr: x509.Certificate | x509.CertificateSigningRequest) -> list[str]:
-    """The roles named by `urn:hfl:role:` URIs in a certificate's or CSR's SAN."""
-    try:
-        san = cert_or_csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return []
-    return [
-        uri[len(ROLE_URI_PREFIX) :]
-        for uri in san.value.get_values_for_type(x509.UniformResourceIdentifier)
-        if uri.startswith(ROLE_URI_PREFIX)
-    ]
 
 
 class EnclaveKey:
@@ -215,15 +186,24 @@ class EnclaveKey:
         """SHA-256 of the DER SubjectPublicKeyInfo: what report_data[0:32] binds."""
         return _sha256(self.spki_der)
 
-    def csr(self, common_name: str, dns_sans: Sequence[str], role: str) -> bytes:
-        """A PKCS#10 request (DER) for this key, naming `role` as a SAN URI."""
+    def csr(
+        self,
+        common_name: str,
+        dns_sans: Sequence[str],
+        role: str,
+        extensions: Sequence[x509.ExtensionType] = (),
+    ) -> bytes:
+        """A PKCS#10 request (DER) for this key, naming `role` as a SAN URI; `extensions`
+        are added non-critical (e.g. a party enrolment, hfl_common.enrolment)."""
         general_names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_sans]
-        general_names.append(x509.UniformResourceIdentifier(role_uri(role)))
+        general_names.append(x509.UniformResourceIdentifier(role_san(role)))
         builder = (
             x509.CertificateSigningRequestBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .add_extension(x509.SubjectAlternativeName(general_names), critical=False)
         )
+        for extension in extensions:
+            builder = builder.add_extension(extension, critical=False)
         request = builder.sign(self._private_key, self.SIGNATURE_HASH())
         return request.public_bytes(serialization.Encoding.DER)
 
@@ -486,7 +466,7 @@ def make_ra_tls_certificate(
     padded = _pad_user_data(user_data)
     general_names: list[x509.GeneralName] = [x509.DNSName(dns) for dns in dns_names]
     if role is not None:
-        general_names.append(x509.UniformResourceIdentifier(role_uri(role)))
+        general_names.append(x509.UniformResourceIdentifier(role_san(role)))
     now = now or dt.datetime.now(dt.UTC)
 
     legacy_quote = (
@@ -598,7 +578,7 @@ def _load_certificate(data: bytes) -> x509.Certificate:
     if data.lstrip().startswith(b"-----BEGIN"):
         try:
             certificates = x509.load_pem_x509_certificates(data)
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             _fail("certificate_malformed", f"not a PEM X.509 certificate: {exc}")
         if len(certificates) != 1:
             _fail(
@@ -608,7 +588,7 @@ def _load_certificate(data: bytes) -> x509.Certificate:
         return certificates[0]
     try:
         return x509.load_der_x509_certificate(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         _fail("certificate_malformed", f"not a DER X.509 certificate: {exc}")
 
 
@@ -639,13 +619,19 @@ def parse_ra_tls_certificate(
     data = bytes(data)
     certificate = _load_certificate(data)
     try:
-        # Parses every extension: DuplicateExtension, malformed known extensions.
+        # Parses every extension (DuplicateExtension, malformed known extensions) and every
+        # field read later: cryptography parses lazily and raises its own errors.
         extensions = certificate.extensions
         public_key = certificate.public_key()
         der = certificate.public_bytes(serialization.Encoding.DER)
+        _ = (certificate.version, certificate.subject, certificate.issuer)
+        _ = (certificate.not_valid_before_utc, certificate.not_valid_after_utc)
+        _ = (certificate.signature_hash_algorithm, certificate.tbs_certificate_bytes)
     except (
         ValueError,
+        TypeError,
         UnsupportedAlgorithm,
+        x509.InvalidVersion,
         x509.DuplicateExtension,
         x509.UnsupportedGeneralNameType,
     ) as exc:

@@ -31,7 +31,10 @@ from hfl_common.attest_client import (
     obtain_certificate,
 )
 from hfl_common.config import AttestationPolicy, TrustRoot, load_policy
+from hfl_common.enrolment import PartySigner, public_key_text
 from hfl_common.errors import ConfigError, HflError
+from hfl_common.freshness import MEMORY_FILE, GenerationMemory
+from hfl_common.metrics import register_tee_simulated
 from hfl_common.ratls import EnclaveKey
 from hfl_common.sealing import GramineSealingKeys, SealingKeySource, SimulatedSealingKeys
 from hfl_common.tee import (
@@ -47,6 +50,7 @@ from hfl_common.tee import (
     SimulatedProvider,
 )
 from hfl_common.tee.identities import service_identity
+from hfl_common.tee.simulation import check_no_code_injection
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +136,13 @@ def add_enclave_flags(parser: argparse.ArgumentParser, *, listen: str, metrics_l
     t.add_argument("--collateral-dir", type=Path, help="offline collateral directory")
     t.add_argument("--pccs-url", help="PCCS to fetch collateral from")
     t.add_argument("--isv-svn", type=int, default=1, help="simulated ISV_SVN (default 1)")
+    t.add_argument("--party", help="trainers: the enrolled party (organisation) it belongs to")
+    t.add_argument(
+        "--party-key",
+        type=Path,
+        help="trainers: the party's private enrolment key (PEM), which enrols this "
+        "enclave's key (docs/security.md, 'Parties')",
+    )
 
 
 @dataclass(frozen=True)
@@ -144,6 +155,8 @@ class EnclaveOptions:
     pccs_url: str | None
     isv_svn: int
     state_dir: Path
+    party: str | None = None
+    party_key: Path | None = None
 
     @classmethod
     def from_args(cls, role: str, ns: argparse.Namespace) -> EnclaveOptions:
@@ -156,6 +169,8 @@ class EnclaveOptions:
             pccs_url=ns.pccs_url,
             isv_svn=ns.isv_svn,
             state_dir=ns.state_dir,
+            party=getattr(ns, "party", None),
+            party_key=getattr(ns, "party_key", None),
         )
 
 
@@ -181,6 +196,8 @@ class Enclave:
     sealing: SealingKeySource
     verifier: QuoteVerifier
     identity: EnclaveIdentity | None
+    party: PartySigner | None = None
+    state_dir: Path | None = None
 
     @classmethod
     def open(cls, opts: EnclaveOptions, registry: CollectorRegistry | None) -> Enclave:
@@ -199,8 +216,15 @@ class Enclave:
         provider: EvidenceProvider
         sealing: SealingKeySource
         if opts.tee == "simulated":
+            if policy.trust_root is TrustRoot.INTEL:
+                raise ConfigError(
+                    f"--tee simulated refused: {opts.policy_path} trusts Intel's root "
+                    '(root = "intel"), a production policy, and a simulated enclave protects '
+                    "nothing; use real SGX (--tee gramine) or a simulation policy"
+                )
             if opts.sim_platform is None:
                 raise ConfigError("--tee simulated needs --sim-platform DIR")
+            check_no_code_injection()
             platform = SimulatedPlatform.load(opts.sim_platform)
             identity = service_identity(opts.role, platform, opts.isv_svn)
             provider = SimulatedProvider(platform, identity)
@@ -216,6 +240,8 @@ class Enclave:
                     f"{opts.policy_path}: trusts the simulation root, but --tee gramine runs "
                     'on real SGX; use a policy with root = "intel"'
                 )
+        if registry is not None:
+            register_tee_simulated(registry, opts.tee == "simulated")
         verifier = QuoteVerifier(
             policy,
             CachedCollateral(collateral, registry=registry),
@@ -223,24 +249,55 @@ class Enclave:
             registry=registry,
         )
         if identity is not None:
-            log.info(
-                "simulated %s enclave: MRENCLAVE %s, MRSIGNER %s",
+            log.warning(
+                "SIMULATED %s enclave (no hardware protection; hfl_tee_simulated 1): "
+                "MRENCLAVE %s, MRSIGNER %s",
                 opts.role,
                 identity.mrenclave.hex(),
                 identity.mrsigner.hex(),
             )
-        return cls(opts.role, policy, provider, sealing, verifier, identity)
+        party: PartySigner | None = None
+        if (opts.party is None) != (opts.party_key is None):
+            raise ConfigError("--party and --party-key go together: the name and its key")
+        if opts.party is not None and opts.party_key is not None:
+            if opts.role != "trainer":
+                raise ConfigError(f"--party is for trainers; a {opts.role} belongs to no party")
+            if opts.party not in policy.parties:
+                enrolled = ", ".join(sorted(policy.parties)) or "none"
+                raise ConfigError(
+                    f"--party {opts.party} is not enrolled in {opts.policy_path} "
+                    f"(enrolled parties: {enrolled})"
+                )
+            party = PartySigner.load(opts.party, opts.party_key)
+            listed = public_key_text(policy.parties[opts.party].public_key)
+            if public_key_text(party.key) != listed:
+                raise ConfigError(
+                    f"--party-key {opts.party_key} is not party {opts.party}'s key in "
+                    f"{opts.policy_path}"
+                )
+        elif opts.role == "trainer" and policy.parties:
+            raise ConfigError(
+                f"{opts.policy_path} enrols parties ({', '.join(sorted(policy.parties))}); "
+                "a trainer needs --party NAME and --party-key FILE"
+            )
+        return cls(opts.role, policy, provider, sealing, verifier, identity, party, opts.state_dir)
 
     def attest(
         self, attestation_target: str, label: str, user_data: bytes = b""
     ) -> tuple[ServiceCredentials, Renewer, PinnedAttestationService]:
-        """Verify and pin the attestation service, then get our certificate from it."""
-        pinned = bootstrap_attestation_service(attestation_target, self.verifier)
+        """Verify and pin the attestation service, then get our certificate from it; the
+        attestation state generation seen is remembered in the state dir (freshness)."""
+        memory = None
+        if self.state_dir is not None:
+            memory = GenerationMemory(self.state_dir / MEMORY_FILE)
+        pinned = bootstrap_attestation_service(attestation_target, self.verifier, memory=memory)
         key = EnclaveKey.generate()
 
         def issue() -> IssuedCertificate:
             # Fresh evidence every time: renewal re-attests this enclave.
-            return obtain_certificate(pinned, key, self.provider, self.role, label, user_data)
+            return obtain_certificate(
+                pinned, key, self.provider, self.role, label, user_data, party=self.party
+            )
 
         credentials = ServiceCredentials(key, issue())
         renewer = Renewer(credentials, issue).start()

@@ -49,10 +49,13 @@ T = TypeVar("T")
 
 # CANCELLED: a draining aggregator (SIGTERM, restart) cancels the calls still in flight,
 # long polls included; it is back (or replaced) after a restart, so retry like UNAVAILABLE.
+# RESOURCE_EXHAUSTED: the server's per-peer or overall call limits (hfl_common.server
+# CallLimits) refused the call at once because it is busy; retry with the same backoff.
 _RETRYABLE = (
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
 )
 _POLL_SECONDS = 20
 

@@ -275,7 +275,7 @@ def build_trainer(config: TrainerConfig, registry: CollectorRegistry) -> Running
             enclave.verifier,
             "aggregator",
             expected_user_data=plan.sha256,
-            on_verified=status.record_aggregator,
+            on_verdict=status.record_aggregator,
         )
 
     client = FederationClient(

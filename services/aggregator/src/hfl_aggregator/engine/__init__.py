@@ -14,7 +14,7 @@ from hfl_aggregator.engine.records import (
     TrainerView,
     TrainParams,
 )
-from hfl_aggregator.engine.registry import party_of
+from hfl_common.server import party_of
 
 __all__ = [
     "Accepted",

@@ -28,19 +28,8 @@ from hfl_common.errors import (
     PermissionDeniedError,
     ResourceExhaustedError,
 )
-from hfl_common.server import PeerIdentity
 
 log = logging.getLogger(__name__)
-
-
-def party_of(peer: PeerIdentity) -> str:
-    """The voting unit a peer belongs to.
-
-    Today every trainer identity is its own party. (Once certificates carry a
-    ``hfl://party/<name>`` SAN this returns that party, or the peer id without one.)
-    """
-    party = getattr(peer, "party", None)
-    return str(party or peer.peer_id or "")
 
 
 @dataclass

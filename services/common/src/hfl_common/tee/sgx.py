@@ -18,6 +18,7 @@ import struct
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from hfl_common.errors import EvidenceError
 
@@ -192,6 +193,29 @@ class _Reader:
         return value
 
 
+def _load_pck_chain(cert_data: bytes) -> tuple[x509.Certificate, ...]:
+    """The PEM chain, every field the verifier reads parsed now: `cryptography` parses
+    certificates lazily and raises its own errors (ValueError, InvalidVersion,
+    UnsupportedAlgorithm) on first access, which must surface here as quote_malformed."""
+    try:
+        chain = tuple(x509.load_pem_x509_certificates(cert_data))
+        for cert in chain:
+            _ = (cert.version, cert.issuer, cert.subject, cert.serial_number)
+            _ = (cert.not_valid_before_utc, cert.not_valid_after_utc, cert.extensions)
+            _ = (cert.public_key(), cert.signature_hash_algorithm, cert.signature)
+            _ = cert.tbs_certificate_bytes
+    except (
+        ValueError,
+        TypeError,
+        UnsupportedAlgorithm,
+        x509.InvalidVersion,
+        x509.DuplicateExtension,
+        x509.UnsupportedGeneralNameType,
+    ) as exc:
+        raise _malformed(f"the PCK certificate chain is not a valid PEM chain: {exc}") from None
+    return chain
+
+
 def parse_quote(data: bytes) -> SgxQuote:
     """Parse an SGX ECDSA quote v3 with PCK chain certification data (type 5).
 
@@ -247,10 +271,7 @@ def parse_quote(data: bytes) -> SgxQuote:
             f"certification data type {cert_type} is not supported "
             f"(only {CERT_DATA_PCK_CHAIN}, a PEM PCK certificate chain)"
         )
-    try:
-        chain = tuple(x509.load_pem_x509_certificates(cert_data))
-    except ValueError as exc:
-        raise _malformed(f"the PCK certificate chain is not valid PEM: {exc}") from None
+    chain = _load_pck_chain(cert_data)
     if len(chain) < 2:
         raise _malformed(f"the PCK certificate chain has {len(chain)} certificate(s), expected 3")
     return SgxQuote(

@@ -1,34 +1,9 @@
-"""The simulated TEE: a development "SGX machine" whose quotes dcap-qvl verifies.
-
-A `SimulatedPlatform` is what Intel and one SGX machine are together, in a
-directory: a development root CA ("hfl simulated SGX root", ECDSA P-256, the
-profile of Intel's SGX Root CA), a PCK Processor CA under it, a PCK leaf
-certificate carrying Intel's SGX extension (PPID, TCB, PCE-ID, FMSPC, SGX type),
-a TCB signing certificate, a quoting-enclave attestation key, and the collateral
-(TCB info, QE identity, CRLs) signed under the same root. Its quotes are
-byte-exact SGX ECDSA quotes v3 (see hfl_common.tee.sgx), so the verifier checks
-them through the very same dcap-qvl path as real ones, with the development
-root pinned by the policy instead of Intel's.
-
-Several processes of one local federation share one platform directory, as
-several enclaves share one machine and one Intel root. The directory holds the
-development keys (simulation only, files 0600); nothing of it is ever a
-production secret. `<dir>/root_ca.pem` is the root a simulation policy pins
-(by the SHA-256 of its DER) and `<dir>/collateral/<FMSPC>.json` the collateral
-a verifier reads offline.
-
-Enclave identity in simulation: MRENCLAVE is `measure_code` of the service's
-own Python files, so changing a trainer's code changes its identity as it would
-in SGX; MRSIGNER is SHA-256 of the little-endian modulus of a development
-RSA-3072 signing key (as SGX computes MRSIGNER from SIGSTRUCT's modulus).
-ISV_PROD_ID follows the convention in `ROLE_ISV_PROD_ID`.
-"""
+"""The simulated SGX machine: development root CA, PCK chain, quoting, collateral."""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -60,14 +35,12 @@ from hfl_common.tee.sgx import (
     encode_report_body,
     encode_signature_data,
 )
+from hfl_common.tee.simulation.measure import EnclaveIdentity
 
 logger = logging.getLogger(__name__)
 
 SIMULATED_ROOT_CN = "hfl simulated SGX root"
 SIMULATION_ORG = "hfl development (simulation only, not Intel)"
-
-# Convention of this project (not an SGX rule): the ISV_PROD_ID of each role.
-ROLE_ISV_PROD_ID: dict[str, int] = {"attestation": 1, "aggregator": 2, "trainer": 3}
 
 # Intel SGX PCK Certificate and CRL Profile, section "Intel SGX PCK Certificate"
 # (SGX Extensions): the extension OID and its members.
@@ -99,81 +72,6 @@ _ATT_KEY = "attestation.key.pem"
 _SIGNING_KEY = "enclave_signing.key.pem"
 
 
-# --------------------------------------------------------------------------
-# Enclave identity
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EnclaveIdentity:
-    """The identity an enclave's report body carries."""
-
-    mrenclave: bytes
-    mrsigner: bytes
-    isv_prod_id: int
-    isv_svn: int
-
-    def __post_init__(self) -> None:
-        if len(self.mrenclave) != 32 or len(self.mrsigner) != 32:
-            raise InvalidArgumentError(
-                f"MRENCLAVE and MRSIGNER must be 32 bytes, got {len(self.mrenclave)} "
-                f"and {len(self.mrsigner)}"
-            )
-        for name, value in (("ISV_PROD_ID", self.isv_prod_id), ("ISV_SVN", self.isv_svn)):
-            if not 0 <= value <= 0xFFFF:
-                raise InvalidArgumentError(f"{name} must be in [0, 65535], got {value}")
-
-
-def measure_code(paths: Iterable[Path], *, base: Path | None = None) -> bytes:
-    """SHA-256 over code files in a canonical order: the simulated MRENCLAVE.
-
-    Each file contributes its path relative to `base` (POSIX form; default: the
-    deepest directory holding all the files) and its content, both
-    length-prefixed, in the order of those relative paths. Renaming, editing,
-    adding or removing a file changes the result; where the tree lies does not.
-    """
-    files = sorted({Path(p).resolve() for p in paths})
-    if not files:
-        raise InvalidArgumentError("measure_code needs at least one file to measure")
-    root = base.resolve() if base is not None else Path(os.path.commonpath(files))
-    if root in files:
-        root = root.parent
-    entries: list[tuple[str, Path]] = []
-    for path in files:
-        try:
-            rel = path.relative_to(root).as_posix()
-        except ValueError:
-            raise InvalidArgumentError(f"{path} is not under the measured base {root}") from None
-        entries.append((rel, path))
-    digest = hashlib.sha256(b"hfl simulated MRENCLAVE v1\x00")
-    for rel, path in sorted(entries):
-        try:
-            content = path.read_bytes()
-        except OSError as exc:
-            raise InvalidArgumentError(f"cannot read {path} to measure it: {exc}") from None
-        name = rel.encode()
-        digest.update(len(name).to_bytes(8, "little") + name)
-        digest.update(len(content).to_bytes(8, "little") + content)
-    return digest.digest()
-
-
-def package_code_files(package: str | Path) -> tuple[Path, list[Path]]:
-    """The directory of a package (import name or path) and its .py files."""
-    if isinstance(package, Path):
-        root = package
-    else:
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise InvalidArgumentError(f"{package!r} is not an importable package")
-        root = Path(next(iter(spec.submodule_search_locations)))
-    if not root.is_dir():
-        raise InvalidArgumentError(f"package directory {root} does not exist")
-    files = [p for p in root.rglob("*.py") if "__pycache__" not in p.parts]
-    if not files:
-        raise InvalidArgumentError(f"package directory {root} holds no .py files")
-    return root, files
-
-
 def mrsigner_of(public_key: rsa.RSAPublicKey) -> bytes:
     """SHA-256 of the modulus, little-endian, as SGX derives MRSIGNER from SIGSTRUCT."""
     n = public_key.public_numbers().n
@@ -194,41 +92,6 @@ def load_or_create_signing_key(path: Path) -> rsa.RSAPrivateKey:
     if not isinstance(loaded, rsa.RSAPrivateKey):
         raise ConfigError(f"{path} does not hold an RSA private key")
     return loaded
-
-
-def simulated_identity_for(
-    package: str | Path,
-    role: str,
-    isv_svn: int,
-    platform: SimulatedPlatform | Path,
-    *,
-    extra_packages: Sequence[str | Path] = (),
-) -> EnclaveIdentity:
-    """The simulated identity of a service: its code's hash, the dev signer, the role's id.
-
-    `package` is the service package (import name like "hfl_trainer", or its
-    directory); `extra_packages` are measured with it (e.g. "hfl_common"), each
-    under its own directory name.
-    """
-    if role not in ROLE_ISV_PROD_ID:
-        raise InvalidArgumentError(
-            f"unknown role {role!r}; roles are {', '.join(sorted(ROLE_ISV_PROD_ID))}"
-        )
-    all_files: list[Path] = []
-    roots: list[Path] = []
-    for pkg in (package, *extra_packages):
-        root, files = package_code_files(pkg)
-        roots.append(root.resolve())
-        all_files.extend(files)
-    base = roots[0].parent if len(roots) == 1 else Path(os.path.commonpath(roots))
-    mrenclave = measure_code(all_files, base=base)
-    plat = platform if isinstance(platform, SimulatedPlatform) else SimulatedPlatform.load(platform)
-    return EnclaveIdentity(
-        mrenclave=mrenclave,
-        mrsigner=plat.mrsigner,
-        isv_prod_id=ROLE_ISV_PROD_ID[role],
-        isv_svn=isv_svn,
-    )
 
 
 # --------------------------------------------------------------------------
