@@ -18,14 +18,10 @@ import grpc
 import numpy as np
 
 from hfl_aggregator.metrics import AggregatorMetrics
+from hfl_aggregator.model_cache import ModelCache
 from hfl_aggregator.rounds import RoundEngine, TaskKind, Ticket, UpdateMeta
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
-from hfl_common.codec import (
-    check_specs,
-    collect_stream,
-    encode_tensors,
-    iter_download_messages,
-)
+from hfl_common.codec import check_specs, collect_stream
 from hfl_common.config import FederationPlan
 from hfl_common.errors import (
     HflError,
@@ -92,6 +88,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         self._mrenclave_of = mrenclave_of
         self._federation_id = federation_id or plan.name
         self._chunk_bytes = chunk_bytes
+        self._models = ModelCache(chunk_bytes)
         self._uploads = threading.BoundedSemaphore(upload_slots)
         # An update is the model's size in float32 at most (raw encoding), plus slack.
         self._max_update_bytes = (
@@ -175,9 +172,10 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                 f"model version {request.model_version} is not available; the current "
                 f"global model is version {version}"
             )
-        stream = encode_tensors(weights, tensor_pb2.ENCODING_RAW, chunk_bytes=self._chunk_bytes)
-        yield from iter_download_messages(completed, version, self._plan.sha256_hex, stream)
-        self._metrics.update_bytes.labels(direction="out").inc(stream.header.total_bytes)
+        # Encoded and hashed once per version, whatever the number of trainers.
+        encoded = self._models.get(version, weights)
+        yield from encoded.download_messages(completed, self._plan.sha256_hex)
+        self._metrics.update_bytes.labels(direction="out").inc(encoded.total_bytes)
 
     def UploadUpdate(  # noqa: N802
         self,
