@@ -83,6 +83,23 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 # Knobs of the aggregator process's environment that the `env` scenario measures.
 TUNED_ENV = {"MALLOC_ARENA_MAX": "2", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def launcher_env() -> dict[str, str]:
+    """The aggregator's environment as `hfl run` sets it (none before it set any): every
+    scenario runs with it, so the figures are what users get; `env` runs without it (or,
+    where the launcher sets nothing, with TUNED_ENV)."""
+    try:
+        from hfl_cli.run import AGGREGATOR_ENV
+    except ImportError:
+        return {}
+    return dict(AGGREGATOR_ENV)
+
+
+def contrast_env() -> dict[str, str]:
+    return {} if launcher_env() else dict(TUNED_ENV)
+
+
 _STRIPPED_ENV = ("MALLOC_ARENA_MAX", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 SAMPLE_SECONDS = 0.05
 
@@ -898,15 +915,16 @@ def markdown(result: dict[str, Any]) -> str:
             )
         lines.append("")
     lines += [
-        "| scenario | model | trainers | raw TLS | round p50 | p99 | bound | p50 / bound | "
+        "| scenario | agg env | model | trainers | raw TLS | round p50 | p99 | bound | "
+        "p50 / bound | "
         "agg idle RSS | agg peak RSS | (peak - idle) / model | agg CPU s / trainer-round "
         "(per 100 MB) | client extra / trainer / model | failed | retries |",
-        "| " + " | ".join(["---"] * 15) + " |",
+        "| " + " | ".join(["---"] * 16) + " |",
     ]
     for s in result["scenarios"]:
-        env = " " + ",".join(f"{k}={v}" for k, v in s["aggregator_env"].items())
+        env = ", ".join(f"{k}={v}" for k, v in s["aggregator_env"].items()) or "none"
         lines.append(
-            f"| {s['scenario']}{env if s['aggregator_env'] else ''} | "
+            f"| {s['scenario']} | {env} | "
             f"{s['model_bytes'] / 1e6:.0f} MB | {s['trainers']} | "
             f"{s['raw_tls_bytes_per_second'] / 1e6:.0f} MB/s | {_f(s['round_p50_s'])} s | "
             f"{_f(s['round_p99_s'])} s | {_f(s['transport_bound_s'])} s | "
@@ -954,24 +972,24 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
     if args.quick:
         p = 200_000
         return [
-            Scenario("transfer-quick", p, 2, 2, 1, sequential=True),
-            Scenario("rounds-quick-n2", p, 2, 2, 2),
-            Scenario("env-quick-n2", p, 2, 2, 2, env=dict(TUNED_ENV)),
-            Scenario("scale-quick-n8", p, 8, 2, 2),
+            Scenario("transfer-quick", p, 2, 2, 1, sequential=True, env=launcher_env()),
+            Scenario("rounds-quick-n2", p, 2, 2, 2, env=launcher_env()),
+            Scenario("env-quick-n2", p, 2, 2, 2, env=contrast_env()),
+            Scenario("scale-quick-n8", p, 8, 2, 2, env=launcher_env()),
         ]
     big, rounds = args.params, args.rounds
     out: list[Scenario] = []
     if "transfer" in args.only:
-        out.append(Scenario("transfer", big, 2, rounds, 1, sequential=True))
+        out.append(Scenario("transfer", big, 2, rounds, 1, sequential=True, env=launcher_env()))
     if "rounds" in args.only:
         out += [
-            Scenario(f"rounds-n{n}", big, n, rounds if n <= 8 else 3, min(n, 4))
+            Scenario(f"rounds-n{n}", big, n, rounds if n <= 8 else 3, min(n, 4), env=launcher_env())
             for n in args.trainers
         ]
     if "env" in args.only:
-        out.append(Scenario("env-n8", big, 8, rounds, 4, env=dict(TUNED_ENV)))
+        out.append(Scenario("env-n8", big, 8, rounds, 4, env=contrast_env()))
     if "scale" in args.only:
-        out.append(Scenario("scale-n256", SMALL_PARAMS, 256, 3, 8))
+        out.append(Scenario("scale-n256", SMALL_PARAMS, 256, 3, 8, env=launcher_env()))
     return out
 
 
