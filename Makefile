@@ -52,8 +52,8 @@ demo: install
 # client over mutual RA-TLS, against a raw TLS socket (results in benchmarks/results/).
 bench: install
 	$(PY) benchmarks/bench_e2e.py
+	$(PY) benchmarks/bench_e2e.py --only resnet --append
 	$(PY) benchmarks/bench_checkpoint.py
-	$(PY) benchmarks/bench_resnet_round.py
 	$(PY) benchmarks/bench_codec.py
 	$(PY) benchmarks/bench_fold_memory.py
 	$(PY) benchmarks/bench_attestation.py

@@ -30,6 +30,11 @@ divided by. Reported, as ratios:
   aggregator's environment.
 - scale: 256 trainers x 1M parameters x 3 rounds: errors (failed trainers, retried calls,
   DEADLINE_EXCEEDED among them), p50 and p99 round time.
+- resnet (`--only resnet`, not in the default set: it loads TensorFlow): 2 real trainers
+  (`hfl_trainer.training.LocalTrainer`, Keras ResNet-50, 23.6M params for 32x32x3 and
+  10 classes) on a generated CIFAR-format set, each in its own process: per round, the
+  slower trainer's training time (its train_delta, which includes setting and reading
+  the weights) vs the rest of the round (the framework).
 
 Results go to benchmarks/results/e2e-<label>.json and .md (the label defaults to the git
 commit). No figure is asserted anywhere: tests run `--quick` only to see it complete.
@@ -37,6 +42,7 @@ commit). No figure is asserted anywhere: tests run `--quick` only to see it comp
     .venv/bin/python benchmarks/bench_e2e.py                     # everything (~15 min on 2 cores)
     .venv/bin/python benchmarks/bench_e2e.py --quick --out /tmp/x  # smoke: tiny, ~1 min
     .venv/bin/python benchmarks/bench_e2e.py --only rounds --trainers 2 8
+    .venv/bin/python benchmarks/bench_e2e.py --only resnet --append   # TensorFlow, ~5 min
 """
 
 from __future__ import annotations
@@ -408,6 +414,40 @@ def _timing_interceptor(
     return Interceptor()
 
 
+def _make_trainer(
+    cfg: WorkerConfig,
+    index: int,
+    delta: dict[str, npt.NDArray[Any]],
+    on_trained: Callable[[], None],
+    recorder: _Recorder,
+    label: str,
+    current: list[Any],
+) -> tuple[LocalTrainer, Callable[[], Weights] | None]:
+    """The no-op stand-in, or a real LocalTrainer (TensorFlow) whose training is timed."""
+    if cfg.trainer == "noop":
+        return cast("LocalTrainer", NoopTrainer(delta, 100 + index, on_trained)), None
+    from hfl_trainer import data as data_lib
+    from hfl_trainer.models import build_model, get_weights
+    from hfl_trainer.training import LocalTrainer as RealTrainer
+
+    full = data_lib.load_cifar10(cfg.data_dir)
+    part = cfg.first_partition + index
+    indices = data_lib.partition(full.y_train, cfg.partitions, part, scheme="iid", seed=0)
+    model = build_model(cfg.trainer, (32, 32, 3), 10, 0)
+    real = RealTrainer(model, full.with_train_indices(indices), 32, 0.001, seed=part)
+    train = real.train_delta
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        round_number = int(current[0])
+        recorder.add(label, "downloaded", round_number)
+        result = train(*args, **kwargs)
+        recorder.add(label, "trained", round_number)
+        return result
+
+    setattr(real, "train_delta", timed)  # noqa: B010 (an instance attribute over the method)
+    return real, lambda: get_weights(model)
+
+
 @dataclass
 class WorkerConfig:
     plan: str
@@ -420,6 +460,12 @@ class WorkerConfig:
     labels: list[str]
     sequential: bool
     out: str
+    # "noop", or "resnet50": real TensorFlow training on CIFAR-format data in data_dir,
+    # this worker's trainers being partitions first_partition.. of `partitions`.
+    trainer: str = "noop"
+    data_dir: str = ""
+    first_partition: int = 0
+    partitions: int = 1
 
 
 def run_worker(config_path: Path) -> int:
@@ -431,10 +477,13 @@ def run_worker(config_path: Path) -> int:
     from hfl_common.config import load_plan
     from hfl_common.runtime import Enclave, EnclaveOptions
 
-    client_mod = _import_client_without_tensorflow()
+    cfg = WorkerConfig(**json.loads(config_path.read_text()))
+    if cfg.trainer == "noop":
+        client_mod = _import_client_without_tensorflow()
+    else:
+        import hfl_trainer.client as client_mod
     from hfl_trainer.metrics import TrainerMetrics
 
-    cfg = WorkerConfig(**json.loads(config_path.read_text()))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s worker %(message)s")
     warnings: list[str] = []
 
@@ -507,12 +556,12 @@ def run_worker(config_path: Path) -> int:
 
         registry = CollectorRegistry()
         registries.append(registry)
-        noop = NoopTrainer(delta, 100 + index, on_trained)
+        trainer, get_model = _make_trainer(cfg, index, delta, on_trained, recorder, label, current)
         clients.append(
             client_mod.FederationClient(
                 plan,
-                cast("LocalTrainer", noop),
-                lambda: weights,
+                trainer,
+                get_model or (lambda: weights),
                 connect,
                 label=label,
                 on_round=on_round,
@@ -522,6 +571,30 @@ def run_worker(config_path: Path) -> int:
         )
     baseline_rss = proc_status_kb(os.getpid(), "VmRSS")
     errors: list[str] = []
+
+    def report(stopped: bool) -> None:
+        retries = sum(int(r.get_sample_value("hfl_trainer_retries_total") or 0) for r in registries)
+        stop_note = ["stopped by the harness (scenario timeout)"] if stopped else []
+        Path(cfg.out).write_text(
+            json.dumps(
+                {
+                    "events": recorder.events,
+                    "errors": [*errors, *stop_note],
+                    "warnings": warnings,
+                    "retries": retries,
+                    "baseline_rss_kb": baseline_rss,
+                    "peak_rss_kb": proc_status_kb(os.getpid(), "VmHWM"),
+                    "trainers": len(cfg.labels),
+                    "tensorflow_imported": "tensorflow" in sys.modules,
+                }
+            )
+        )
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        report(stopped=True)
+        os._exit(3)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
     def run(client: Any, label: str) -> None:
         try:
@@ -540,21 +613,7 @@ def run_worker(config_path: Path) -> int:
     for close in closers:
         with contextlib.suppress(Exception):
             close()
-    retries = sum(int(r.get_sample_value("hfl_trainer_retries_total") or 0) for r in registries)
-    Path(cfg.out).write_text(
-        json.dumps(
-            {
-                "events": recorder.events,
-                "errors": errors,
-                "warnings": warnings,
-                "retries": retries,
-                "baseline_rss_kb": baseline_rss,
-                "peak_rss_kb": proc_status_kb(os.getpid(), "VmHWM"),
-                "trainers": len(cfg.labels),
-                "tensorflow_imported": "tensorflow" in sys.modules,
-            }
-        )
-    )
+    report(stopped=False)
     return 0
 
 
@@ -589,7 +648,38 @@ def prepare(directory: Path, weights: Weights) -> Federation:
     )
 
 
-def write_plan(fed: Federation, name: str, trainers: int, rounds: int) -> Path:
+def write_cifar_bin(directory: Path, train: int, test: int, seed: int = 0) -> None:
+    """A CIFAR-10 set in the binary distribution format, random pixels and labels (the
+    speed of a training step does not depend on them): `train` images over 5 batches."""
+    folder = directory / "cifar-10-batches-bin"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    record = 1 + 32 * 32 * 3
+    per = -(-train // 5)
+    for name, n in [*((f"data_batch_{i}.bin", per) for i in range(1, 6)), ("test_batch.bin", test)]:
+        records = rng.integers(0, 256, size=(n, record), dtype=np.uint8)
+        records[:, 0] = rng.integers(0, 10, size=n)
+        (folder / name).write_bytes(records.tobytes())
+
+
+def prepare_keras(directory: Path, model: str, train_images: int) -> Federation:
+    """A federation of a real Keras model (its initial weights made by hfl's trainer code)
+    and a generated CIFAR-format data set in directory/cifar."""
+    from hfl_trainer.models import initial_weights_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "keras_initial.npz"
+    initial_weights_file(model, (32, 32, 3), 10, 0, path)
+    with np.load(path, allow_pickle=False) as npz:
+        weights = {name: npz[name] for name in npz.files}
+    write_cifar_bin(directory / "cifar", train_images, 64)
+    return prepare(directory, weights)
+
+
+def write_plan(
+    fed: Federation, name: str, trainers: int, rounds: int, model: str = "small_cnn"
+) -> Path:
+    shape = "[8, 8, 1]" if model == "small_cnn" else "[32, 32, 3]"
     text = (
         "[federation]\n"
         f'name = "{name}"\n'
@@ -601,14 +691,16 @@ def write_plan(fed: Federation, name: str, trainers: int, rounds: int) -> Path:
         "max_round_retries = 0\n"
         "seed = 0\n\n"
         "[model]\n"
-        'name = "small_cnn"\n'
-        "input_shape = [8, 8, 1]\n"
+        f'name = "{model}"\n'
+        f"input_shape = {shape}\n"
         "num_classes = 10\n"
         f'initial_weights = "{fed.model_path.name}"\n'
         f'initial_weights_sha256 = "{fed.weights_sha256}"\n\n'
         "[data]\n"
         'dataset = "synthetic"\n\n'
         "[training]\n"
+        "batch_size = 32\n"
+        "learning_rate = 0.001\n"
         f"evaluate_every = {rounds}\n\n"
         "[strategy]\n"
         'name = "fedavg"\n'
@@ -708,6 +800,7 @@ class Scenario:
     workers: int
     sequential: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    trainer: str = "noop"  # or "resnet50" (real TensorFlow, one trainer per process)
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -719,10 +812,17 @@ def _pct(values: Sequence[float], q: float) -> float:
 
 
 def run_scenario(
-    sc: Scenario, fed: Federation, attestation: str, workdir: Path, raw_bps: float
+    sc: Scenario,
+    fed: Federation,
+    attestation: str,
+    workdir: Path,
+    raw_bps: float,
+    timeout: float = 1800.0,
 ) -> dict[str, Any]:
     model_b = fed.model_bytes
-    plan = write_plan(fed, sc.name, sc.trainers, sc.rounds)
+    plan = write_plan(
+        fed, sc.name, sc.trainers, sc.rounds, "small_cnn" if sc.trainer == "noop" else sc.trainer
+    )
     log_path = workdir / f"{sc.name}.aggregator.log"
     labels = [f"{sc.name}-t{i:03d}" for i in range(sc.trainers)]
     per = math.ceil(sc.trainers / sc.workers)
@@ -748,6 +848,10 @@ def run_scenario(
                     labels=group,
                     sequential=sc.sequential,
                     out=str(out),
+                    trainer=sc.trainer,
+                    data_dir=str(fed.directory / "cifar"),
+                    first_partition=i * per,
+                    partitions=sc.trainers,
                 )
                 cfg_path.write_text(json.dumps(asdict(cfg)))
                 with (workdir / f"{sc.name}.worker{i}.log").open("ab") as wlog:
@@ -760,11 +864,20 @@ def run_scenario(
             timed_out = False
             for proc, _ in workers:
                 try:
-                    proc.wait(timeout=max(1.0, 1800 - (time.time() - started)))
+                    proc.wait(timeout=max(1.0, timeout - (time.time() - started)))
                 except subprocess.TimeoutExpired:
                     timed_out = True
-                    proc.kill()
-                    proc.wait()
+                    break
+            if timed_out:  # workers report what they saw so far on SIGTERM
+                for proc, _ in workers:
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGTERM)
+                for proc, _ in workers:
+                    try:
+                        proc.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
         agg_hwm_kb = proc_status_kb(agg.pid, "VmHWM")
     reports = [json.loads(out.read_text()) for _, out in workers if out.exists()]
     events = [tuple(e) for r in reports for e in r["events"]]
@@ -845,6 +958,20 @@ def summarize(
     }
     if sc.sequential:
         out.update(transfer_figures(sc, model_b, raw_bps, events))
+    if sc.trainer != "noop":
+        at = {(label, w, r): t for (label, w, r, t) in events}
+        labels = sorted({label for (label, _, _, _) in events})
+        split = []
+        for r, seconds in enumerate(rounds, start=1):
+            spans = [
+                at[(lb, "trained", r)] - at[(lb, "downloaded", r)]
+                for lb in labels
+                if (lb, "trained", r) in at and (lb, "downloaded", r) in at
+            ]
+            training = max(spans) if spans else math.nan
+            split.append({"round": r, "round_s": seconds, "training_s": training,
+                          "framework_s": seconds - training})  # fmt: skip
+        out["training_split"] = split
     return out
 
 
@@ -913,6 +1040,22 @@ def markdown(result: dict[str, Any]) -> str:
                 f" | {_f(s['download_over_raw_tls'])}x | {_f(s['upload_s'])} s | "
                 f"{_f(s['upload_over_raw_tls'])}x | {_f(s['round_close_extra_s'])} s |"
             )
+        lines.append("")
+    for s in result["scenarios"]:
+        if "training_split" not in s:
+            continue
+        lines += [
+            f"{s['scenario']}: {s['trainers']} TensorFlow trainers, real training of "
+            f"{s['params'] / 1e6:.1f}M params on CIFAR-format images",
+            "",
+            "| round | round | training (slower trainer) | framework (round - training) |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['round']} | {_f(r['round_s'])} s | {_f(r['training_s'])} s | "
+            f"{_f(r['framework_s'])} s |"
+            for r in s["training_split"]
+        ]
         lines.append("")
     lines += [
         "| scenario | agg env | model | trainers | raw TLS | round p50 | p99 | bound | "
@@ -988,6 +1131,8 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
         ]
     if "env" in args.only:
         out.append(Scenario("env-n8", big, 8, rounds, 4, env=contrast_env()))
+    if "resnet" in args.only:
+        out.append(Scenario("resnet50-tf", 0, 2, rounds, 2, env=launcher_env(), trainer="resnet50"))
     if "scale" in args.only:
         out.append(Scenario("scale-n256", SMALL_PARAMS, 256, 3, 8, env=launcher_env()))
     return out
@@ -1000,14 +1145,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--trainers", type=int, nargs="+", default=[2, 8, 32])
     p.add_argument(
+        "--train-images", type=int, default=256, help="resnet: CIFAR-format images, all trainers"
+    )
+    p.add_argument(
         "--only",
         nargs="+",
         default=["transfer", "rounds", "env", "scale"],
-        choices=["transfer", "rounds", "env", "scale"],
+        choices=["transfer", "rounds", "env", "scale", "resnet"],
     )
     p.add_argument("--label", default="", help="names the result files (default: git commit)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    p.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds a scenario may run (then: stalled)"
+    )
     p.add_argument(
         "--append", action="store_true", help="keep the other scenarios of an earlier run"
     )
@@ -1041,13 +1192,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.out / f"{stem}.md").write_text(markdown(document))
 
     try:
-        largest = max(s.params for s in todo)
+        largest = max(s.params for s in todo) or RESNET50_PARAMS
         raw_bytes = model_bytes(make_model(largest)) if not args.quick else 50_000_000
         raw = raw_tls_rate(raw_bytes, 5, workdir)
         log.info("raw TLS: %.0f MB/s", raw["bytes_per_second"] / 1e6)
         for sc in todo:
             fed = by_params.get(sc.params)
-            if fed is None:
+            if fed is None and sc.trainer != "noop":
+                fed = prepare_keras(workdir / f"fed-{sc.trainer}", sc.trainer, args.train_images)
+                sc.params = fed.model_bytes // 4
+            elif fed is None:
                 fed = by_params[sc.params] = prepare(
                     workdir / f"fed-{sc.params}", make_model(sc.params)
                 )
@@ -1056,7 +1210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             here = raw_tls_rate(max(fed.model_bytes, 50_000_000), 3, workdir)
             with attestation_service(fed) as attestation:
                 log.info("scenario %s ...", sc.name)
-                result = run_scenario(sc, fed, attestation, workdir, here["bytes_per_second"])
+                result = run_scenario(
+                    sc, fed, attestation, workdir, here["bytes_per_second"], args.timeout
+                )
             result["raw_tls_bytes_per_second"] = here["bytes_per_second"]
             result["load_average_after"] = os.getloadavg()
             log.info("%s", json.dumps({k: v for k, v in result.items() if k != "warnings"}))
