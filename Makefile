@@ -48,8 +48,13 @@ test: install
 demo: install
 	$(VENV)/bin/hfl run --expect-accuracy 0.95
 
-# Benchmarks: ratios against a baseline measured in the same run.
+# Benchmarks: ratios against a baseline measured in the same run (docs/performance.md).
+# bench_e2e is what users get: a real aggregator process, no-op trainers on the real
+# client over mutual RA-TLS, against a raw TLS socket (results in benchmarks/results/).
 bench: install
+	$(PY) benchmarks/bench_e2e.py
+	$(PY) benchmarks/bench_e2e.py --only resnet --append
+	$(PY) benchmarks/bench_checkpoint.py
 	$(PY) benchmarks/bench_codec.py
 	$(PY) benchmarks/bench_fold_memory.py
 	$(PY) benchmarks/bench_attestation.py

@@ -35,13 +35,9 @@ from hfl_aggregator.engine import (
     party_of,
 )
 from hfl_aggregator.metrics import AggregatorMetrics
+from hfl_aggregator.model_cache import ModelCache
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
-from hfl_common.codec import (
-    check_specs,
-    collect_stream,
-    encode_tensors,
-    iter_download_messages,
-)
+from hfl_common.codec import check_specs, collect_stream
 from hfl_common.config import FederationPlan
 from hfl_common.errors import (
     DeadlineExceededError,
@@ -147,6 +143,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         self._mrenclave_of = mrenclave_of
         self._federation_id = federation_id or plan.name
         self._chunk_bytes = chunk_bytes
+        self._models = ModelCache(chunk_bytes)
         self._uploads = threading.BoundedSemaphore(upload_slots)
         self._header_timeout = header_timeout_seconds
         # An update is at most the model's size at 8 bytes per element (raw encoding of
@@ -211,9 +208,10 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
     ) -> Iterator[aggregator_pb2.DownloadModelResponse]:
         self._engine.trainer_of(request.session_id, _caller())
         completed, version, weights = self._engine.model_at(request.model_version)
-        stream = encode_tensors(weights, tensor_pb2.ENCODING_RAW, chunk_bytes=self._chunk_bytes)
-        yield from iter_download_messages(completed, version, self._plan.sha256_hex, stream)
-        self._metrics.update_bytes.labels(direction="out").inc(stream.header.total_bytes)
+        # Encoded and hashed once per version, whatever the number of trainers.
+        encoded = self._models.get(version, weights)
+        yield from encoded.download_messages(completed, self._plan.sha256_hex)
+        self._metrics.update_bytes.labels(direction="out").inc(encoded.total_bytes)
 
     def UploadUpdate(  # noqa: N802
         self,

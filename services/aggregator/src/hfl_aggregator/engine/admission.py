@@ -18,6 +18,7 @@ import numpy as np
 
 from hfl_aggregator.engine.registry import TrainerRecord
 from hfl_aggregator.metrics import AggregatorMetrics
+from hfl_aggregator.validation import update_norm
 from hfl_common.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -192,18 +193,9 @@ def check_values(arrays: Mapping[str, np.ndarray], max_norm: float, clip: bool) 
 
 
 def finite_norm(arrays: Mapping[str, np.ndarray], what: str) -> float:
-    """The L2 norm over every float tensor; InvalidArgumentError at the first NaN/Inf."""
-    total = 0.0
-    for name, arr in arrays.items():
-        if arr.dtype.kind == "f":
-            if not np.isfinite(arr).all():
-                bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-                raise InvalidArgumentError(
-                    f"{what} tensor {name!r} contains {bad} NaN or infinite values", "nan"
-                )
-            flat = arr.ravel().astype(np.float64)
-            total += float(np.dot(flat, flat))
-    return math.sqrt(total)
+    """The L2 norm over every float tensor; InvalidArgumentError at the first NaN/Inf.
+    (One blockwise float64 pass per tensor: `hfl_aggregator.validation.update_norm`.)"""
+    return update_norm(arrays, what)
 
 
 def check_aggregate(
