@@ -144,6 +144,8 @@ class EnclaveOptions:
     pccs_url: str | None
     isv_svn: int
     state_dir: Path
+    # A trainer's federation project, measured into its identity (hfl_trainer --project).
+    project: Path | None = None
 
     @classmethod
     def from_args(cls, role: str, ns: argparse.Namespace) -> EnclaveOptions:
@@ -156,6 +158,7 @@ class EnclaveOptions:
             pccs_url=ns.pccs_url,
             isv_svn=ns.isv_svn,
             state_dir=ns.state_dir,
+            project=getattr(ns, "project", None),
         )
 
 
@@ -202,7 +205,7 @@ class Enclave:
             if opts.sim_platform is None:
                 raise ConfigError("--tee simulated needs --sim-platform DIR")
             platform = SimulatedPlatform.load(opts.sim_platform)
-            identity = service_identity(opts.role, platform, opts.isv_svn)
+            identity = service_identity(opts.role, platform, opts.isv_svn, opts.project)
             provider = SimulatedProvider(platform, identity)
             sealing = SimulatedSealingKeys(
                 simulated_sealing_secret(opts.sim_platform), identity.mrenclave

@@ -86,8 +86,12 @@ class FederationClient:
         state: TrainerState | None = None,
         on_round: Callable[[int], None] | None = None,
         metrics: TrainerMetrics | None = None,
+        on_done: Callable[[int, int, dict[str, np.ndarray]], None] | None = None,
     ) -> None:
         self._plan = plan
+        # Called with (rounds completed, model version, final weights) when the
+        # federation is done, before leaving (hfl_trainer.export takes the model home).
+        self._on_done = on_done
         self._trainer = trainer
         self._connect = connect
         self._label = label
@@ -243,6 +247,9 @@ class FederationClient:
 
     def _finish(self, task: aggregator_pb2.Task) -> None:
         failed = task.message.startswith("federation failed")
+        if not failed and self._on_done is not None:
+            version, weights = self._download(0)
+            self._on_done(task.round, version, weights)
         self._set(state="failed" if failed else "done")
         try:
             self._call(
