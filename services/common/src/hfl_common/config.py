@@ -527,7 +527,12 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
         "initial_weights_sha256": weights_sha.lower(),
         "non_trainable": list(non_trainable),
     }
-    data_canonical: dict[str, Any] = dict(data_plan.__dict__)
+    data_canonical: dict[str, Any] = {
+        "dataset": data_plan.dataset,
+        "partition": data_plan.partition,
+        "dirichlet_alpha": data_plan.dirichlet_alpha,
+        "synthetic_examples": data_plan.synthetic_examples,
+    }
     # A project's entry points and every parameter are part of the plan's identity.
     # Built-ins without parameters keep the canonical form they always had.
     for section, entry, builtin, given in (

@@ -135,8 +135,7 @@ def resolve(entry: str, what: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         hint = (
-            "give --project DIR (the project directory named "
-            f"{module_name.split('.')[0]!r})"
+            f"give --project DIR (the project directory named {module_name.split('.')[0]!r})"
             if exc.name == module_name.split(".")[0]
             else "check the module name, or install what it imports"
         )
@@ -464,7 +463,7 @@ def _labels(y: np.ndarray, source: str, name: str) -> np.ndarray:
             return y.astype(np.int64)
         bad = int(np.flatnonzero(~finite | (y != np.round(y)))[0])
         raise ProjectError(
-            f"{source}: {name} label {y[bad]!r} of example {bad} is not a class number; "
+            f"{source}: {name} label {y[bad].item()!r} of example {bad} is not a class number; "
             "labels are integers 0..num_classes-1"
         )
     raise ProjectError(
