@@ -72,8 +72,8 @@ def _on_held_out(train: Dataset, held_out: Dataset) -> Dataset:
     return Dataset(
         x_train=np.concatenate([train.x_train, train.x_test]),
         y_train=np.concatenate([train.y_train, train.y_test]),
-        x_test=np.concatenate([held_out.x_train, held_out.x_test]),
-        y_test=np.concatenate([held_out.y_train, held_out.y_test]),
+        x_test=held_out.x_test,
+        y_test=held_out.y_test,
         num_classes=train.num_classes,
         input_shape=train.input_shape,
         name=train.name,
