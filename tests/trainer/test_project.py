@@ -158,6 +158,26 @@ initial_weights_sha256 = "{sha}"
         parse_plan(text.format(sha="ab" * 32), "plan.toml")
 
 
+def test_export_receivers_are_a_plan_setting_covered_by_its_hash() -> None:
+    base = """
+[federation]
+rounds = 1
+[model]
+name = "small_cnn"
+input_shape = [8, 8, 1]
+num_classes = 10
+initial_weights = "w.npz"
+initial_weights_sha256 = "{sha}"
+""".format(sha="ab" * 32)
+    everyone = parse_plan(base)
+    only_two = parse_plan(base + '[export]\nreceivers = ["trainer-2"]\n')
+
+    assert everyone.export.receives("trainer-1")
+    assert only_two.export.receives("trainer-2")
+    assert not only_two.export.receives("trainer-1")
+    assert everyone.sha256 != only_two.sha256
+
+
 # ----------------------------------------------------------------------------- models
 
 
