@@ -361,6 +361,20 @@ def test_data_function_given_an_unknown_parameter_says_so(tmp_path: Path) -> Non
     assert "colour" in str(exc.value)
 
 
+def test_type_error_inside_a_data_function_is_reported_as_raised_not_as_signature(
+    tmp_path: Path,
+) -> None:
+    project = make_project(tmp_path, data_py="def load(data_dir):\n    return len(3)\n")
+    project_lib.use_project(project)
+
+    with pytest.raises(ProjectError) as exc:
+        project_lib.load_data(plan_for(project, tmp_path), None)
+
+    assert f"{project.name}.data:load raised TypeError: object of type 'int' has no len()" in (
+        one_line(exc)
+    )
+
+
 def _returning(tmp_path: Path, body: str) -> tuple[Path, FederationPlan]:
     code = "import numpy as np\nimport tensorflow as tf\n\ndef load(data_dir):\n" + textwrap.indent(
         textwrap.dedent(body), "    "

@@ -197,13 +197,18 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
 
 
 def _call(fn: Callable[..., Any], entry: str, what: str, *args: Any, **kwargs: Any) -> Any:
+    """Call an entry point; a signature that does not fit, or an exception, is one line."""
     try:
-        return fn(*args, **kwargs)
+        inspect.signature(fn).bind(*args, **kwargs)
     except TypeError as exc:
         raise ProjectError(
             f"{_file_of(fn)}: {entry} cannot be called with the plan's parameters "
             f"({_exc_line(exc)}); make its signature match {what}"
         ) from exc
+    except ValueError:
+        pass  # no signature to check (a builtin): let the call say
+    try:
+        return fn(*args, **kwargs)
     except HflError:
         raise  # hfl's own loaders already name the file and the fix
     except Exception as exc:
