@@ -54,10 +54,15 @@ def _run_main(argv: Sequence[str] | None) -> int:
     p.add_argument("--rounds", type=int, help="default 10, or the project plan's")
     p.add_argument("--model", default="small_cnn", choices=MODELS)
     p.add_argument(
-        "--dataset", default="digits", choices=DATASETS,
-        help="digits (bundled with scikit-learn), cifar10 (from --data-dir), synthetic",
+        "--dataset", default="digits", choices=DATASETS[:3],
+        help="digits (bundled with scikit-learn), cifar10 (from --data-dir), synthetic; "
+        "your own data: --project",
     )  # fmt: skip
-    p.add_argument("--data-dir", type=Path, help="CIFAR-10 batches directory (python or binary)")
+    p.add_argument(
+        "--data-dir", type=Path,
+        help="one data directory the simulated trainers share and partition (CIFAR-10 "
+        "batches, or what the project's data function reads)",
+    )  # fmt: skip
     p.add_argument("--strategy", default="fedavg", choices=STRATEGIES)
     p.add_argument(
         "--strategy-param", action="append", default=[], metavar="NAME=VALUE",
