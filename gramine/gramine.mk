@@ -41,7 +41,8 @@ manifests:
 	@mkdir -p $(GRAMINE_BUILD)
 	@set -e; \
 	defs="$$($(HFL_SGX_PYTHON) $(GRAMINE_ROOT)/trusted_inputs.py --site $(HFL_SGX_SITE) \
-		--python $(HFL_SGX_PYTHON) --stdlib $(HFL_SGX_STDLIB))"; \
+		--python $(HFL_SGX_PYTHON) --stdlib $(HFL_SGX_STDLIB) \
+		$(if $(HFL_PROJECT_DIR),--project $(HFL_PROJECT_DIR)))"; \
 	for svc in $(GRAMINE_SERVICES); do \
 		echo "gramine-manifest $(GRAMINE_ROOT)/$$svc.manifest.template -> $(GRAMINE_BUILD)/hfl-$$svc.manifest"; \
 		gramine-manifest \

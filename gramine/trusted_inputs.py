@@ -167,7 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--site", type=Path, required=True, help="the service's site directory")
     parser.add_argument("--python", type=Path, required=True, help="the interpreter (entrypoint)")
     parser.add_argument("--stdlib", type=Path, required=True, help="the interpreter's stdlib")
+    parser.add_argument(
+        "--project", type=Path, help="trainer: the federation project directory in the image"
+    )
     args = parser.parse_args(argv)
+    if args.project is not None and not args.project.is_dir():
+        sys.stderr.write(f"error: {args.project}: the project directory does not exist\n")
+        return 2
     try:
         entries = site_entries(args.site)
         site_binaries = elf_candidates(args.site / e.rstrip("/") for e in entries)
@@ -180,7 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "," in value or " " in value:
             sys.stderr.write(f"error: {value!r} contains a comma or space; cannot pass it on\n")
             return 2
-    sys.stdout.write(f"-Dsite_entries={','.join(entries)} -Dsystem_libs={','.join(libs)}\n")
+    project = f" -Dproject_dir={args.project}" if args.project is not None else ""
+    sys.stdout.write(
+        f"-Dsite_entries={','.join(entries)} -Dsystem_libs={','.join(libs)}{project}\n"
+    )
     return 0
 
 

@@ -1,6 +1,8 @@
 """The `hfl` command: one entry point for every service and tool.
 
     hfl run            a whole local federation (simulated TEE), the first thing to try
+    hfl new            write a federation project you own (model.py, data.py, plan.toml)
+    hfl evaluate       evaluate a model a federation exported, on local data
     hfl attestation    the attestation service (federation CA)
     hfl aggregator     the aggregator (parameter server)
     hfl trainer        a trainer
@@ -26,7 +28,8 @@ from hfl_common.config import DATASETS, MODELS, STRATEGIES
 from hfl_common.runtime import run_main
 
 COMMANDS = (
-    "run", "attestation", "aggregator", "trainer", "verify", "status", "operator-cert", "init",
+    "run", "new", "evaluate", "attestation", "aggregator", "trainer", "verify", "status",
+    "operator-cert", "init",
 )  # fmt: skip
 
 
@@ -39,14 +42,27 @@ def _run_main(argv: Sequence[str] | None) -> int:
         description="Run a whole federation on this machine: attestation service, aggregator "
         "and trainers as separate processes on loopback, simulated SGX, mutual RA-TLS.",
     )
-    p.add_argument("--trainers", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument(
+        "--project", type=Path,
+        help="a federation project (hfl new): its plan.toml, model and data functions",
+    )  # fmt: skip
+    p.add_argument(
+        "--party-data", type=Path, action="append", default=[], metavar="DIR",
+        help="one trainer per directory, each training on its own data (repeat)",
+    )  # fmt: skip
+    p.add_argument("--trainers", type=int, help="default 2, or one per --party-data")
+    p.add_argument("--rounds", type=int, help="default 10, or the project plan's")
     p.add_argument("--model", default="small_cnn", choices=MODELS)
     p.add_argument(
-        "--dataset", default="digits", choices=DATASETS,
-        help="digits (bundled with scikit-learn), cifar10 (from --data-dir), synthetic",
+        "--dataset", default="digits", choices=DATASETS[:3],
+        help="digits (bundled with scikit-learn), cifar10 (from --data-dir), synthetic; "
+        "your own data: --project",
     )  # fmt: skip
-    p.add_argument("--data-dir", type=Path, help="CIFAR-10 batches directory (python or binary)")
+    p.add_argument(
+        "--data-dir", type=Path,
+        help="one data directory the simulated trainers share and partition (CIFAR-10 "
+        "batches, or what the project's data function reads)",
+    )  # fmt: skip
     p.add_argument("--strategy", default="fedavg", choices=STRATEGIES)
     p.add_argument(
         "--strategy-param", action="append", default=[], metavar="NAME=VALUE",
@@ -88,17 +104,28 @@ def _run_main(argv: Sequence[str] | None) -> int:
         params.append((name, number))
     if ns.dataset == "cifar10" and ns.data_dir is None:
         p.error("--dataset cifar10 needs --data-dir (nothing is downloaded at run time)")
-    if ns.trainers < 1:
+    if ns.party_data and ns.trainers is not None and ns.trainers != len(ns.party_data):
+        p.error(f"--trainers {ns.trainers} but {len(ns.party_data)} --party-data directories")
+    trainers = len(ns.party_data) or (2 if ns.trainers is None else ns.trainers)
+    if trainers < 1:
         p.error("--trainers must be at least 1")
-    if ns.rounds < 1:
+    if ns.rounds is not None and ns.rounds < 1:
         p.error("--rounds must be at least 1")
     if ns.buffer_size < 1:
         p.error("--buffer-size must be at least 1")
     if ns.buffer_size != 1 and ns.mode != "async":
         p.error("--buffer-size applies only with --mode async")
+    if ns.project is not None:
+        given = [f for f in ("--model", "--dataset") if f in (argv or [])]
+        if given:
+            p.error(f"{given[0]} does not go with --project: the project's plan.toml names it")
+    elif ns.party_data:
+        p.error("--party-data needs --project (the project's data function reads each one)")
     plan = PlanOptions(
-        trainers=ns.trainers,
-        rounds=ns.rounds,
+        trainers=trainers,
+        rounds=10 if ns.rounds is None else ns.rounds,
+        project=ns.project,
+        project_rounds=ns.rounds,
         model=ns.model,
         dataset=ns.dataset,
         strategy=ns.strategy,
@@ -127,6 +154,7 @@ def _run_main(argv: Sequence[str] | None) -> int:
             data_dir=ns.data_dir,
             expect_accuracy=ns.expect_accuracy,
             plot=not ns.no_plot,
+            party_data=tuple(ns.party_data),
         )
     )
 
@@ -170,6 +198,8 @@ def _lazy(module: str, function: str) -> Callable[[Sequence[str] | None], int]:
 _DISPATCH: dict[str, Callable[[Sequence[str] | None], int]] = {
     "run": lambda argv: run_main(_run_main, argv),
     "init": lambda argv: run_main(_init_main, argv),
+    "new": lambda argv: run_main(_lazy("hfl_cli.project", "new_main"), argv),
+    "evaluate": lambda argv: run_main(_lazy("hfl_cli.project", "evaluate_main"), argv),
     "attestation": _lazy("hfl_attestation.main", "main"),
     "aggregator": _lazy("hfl_aggregator.main", "main"),
     "trainer": _lazy("hfl_trainer.main", "main"),

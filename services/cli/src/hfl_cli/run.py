@@ -6,6 +6,12 @@ process prepares the files (see hfl_cli.local), starts the services in
 order, follows the federation through the aggregator's Status as an operator,
 and at the end prints a table of per-round loss and accuracy and writes a PNG
 plot. Every process it started is stopped on exit, on Ctrl-C and on error.
+
+With a federation project (`--project DIR`), the project's model and data
+functions are imported, the model built and every party's data loaded and
+validated here first, so a mistake is one line before any service starts. Each
+trainer writes the final model into `models/<trainer>/` (model.keras and
+provenance.json; hfl_trainer.export).
 """
 
 from __future__ import annotations
@@ -181,6 +187,8 @@ class RunOptions:
     data_dir: Path | None = None
     expect_accuracy: float | None = None
     plot: bool = True
+    # One data directory per trainer (each party's own data; no partitioning).
+    party_data: tuple[Path, ...] = ()
 
 
 def _workdir(base: Path | None) -> Path:
@@ -226,15 +234,49 @@ def check_data(opts: RunOptions) -> None:
     load_cifar10(opts.data_dir)
 
 
-def run(opts: RunOptions) -> int:
-    check_data(opts)
-    workdir = _workdir(opts.workdir)
-    p = opts.plan
-    _say(
-        f"hfl run: a local federation in {workdir} (simulated SGX; {p.trainers} trainers; "
-        f"{p.model} on {p.dataset}, {p.partition}; {p.strategy}; {p.rounds} rounds)"
+def check_project(prepared: Prepared, opts: RunOptions) -> str:
+    """Import the project, build its model and load every party's data, as the trainers
+    will; the first problem stops the run with one line. Returns a description."""
+    from hfl_cli.local import _native_stderr_silenced
+    from hfl_common.config import load_plan
+
+    with _native_stderr_silenced():
+        from hfl_trainer import project as project_lib
+
+        assert prepared.project is not None
+        project_lib.use_project(prepared.project)
+        plan = load_plan(prepared.plan)
+        model = project_lib.build(plan.model, plan.seed)
+        project_lib.check_initial_weights(model, plan.model)
+        trainers = opts.plan.trainers
+        for i in range(trainers):
+            if opts.party_data:
+                project_lib.load_data(plan, opts.party_data[i])
+            else:
+                project_lib.load_data(plan, opts.data_dir, index=i, num_partitions=trainers)
+    where = "own data directories" if opts.party_data else f"{plan.data.partition} partitions"
+    return (
+        f"{plan.model.entry} on {plan.data.entry} ({where}); {plan.strategy.name}; "
+        f"{plan.rounds} rounds"
     )
+
+
+def run(opts: RunOptions) -> int:
+    p = opts.plan
+    if p.project is None:
+        check_data(opts)
+    if opts.party_data and len(opts.party_data) != p.trainers:
+        raise ConfigError(
+            f"{len(opts.party_data)} party data directories for {p.trainers} trainers; "
+            "give one --party-data per trainer"
+        )
+    workdir = _workdir(opts.workdir)
     prepared = prepare(workdir, p)
+    if prepared.project is not None:
+        what = check_project(prepared, opts)
+    else:
+        what = f"{p.model} on {p.dataset}, {p.partition}; {p.strategy}; {p.rounds} rounds"
+    _say(f"hfl run: a local federation in {workdir} (simulated SGX; {p.trainers} trainers; {what})")
     supervisor = Supervisor(workdir)
     with _sigterm_as_interrupt():
         try:
@@ -278,7 +320,7 @@ def trainer_args(
     prepared: Prepared, index: int, trainers: int, attestation: str, aggregator: str
 ) -> list[str]:
     name = f"trainer-{index + 1}"
-    return [
+    args = [
         *service_args(prepared, name),
         "--plan", str(prepared.plan),
         "--attestation", attestation,
@@ -286,7 +328,11 @@ def trainer_args(
         "--label", name,
         "--trainer-index", str(index),
         "--num-partitions", str(trainers),
+        "--output-dir", str(prepared.directory / "models" / name),
     ]  # fmt: skip
+    if prepared.project is not None:
+        args += ["--project", str(prepared.project)]
+    return args
 
 
 @dataclass(frozen=True)
@@ -297,7 +343,11 @@ class StartedFederation:
 
 
 def start_federation(
-    supervisor: Supervisor, prepared: Prepared, trainers: int, data_dir: Path | None = None
+    supervisor: Supervisor,
+    prepared: Prepared,
+    trainers: int,
+    data_dir: Path | None = None,
+    party_data: Sequence[Path] = (),
 ) -> StartedFederation:
     """Start attestation, aggregator and trainers in order, and get an operator certificate."""
     att = supervisor.start(
@@ -317,7 +367,10 @@ def start_federation(
     started = []
     for i in range(trainers):
         args = trainer_args(prepared, i, trainers, attestation, aggregator)
-        if data_dir is not None:
+        if party_data:
+            # Each party's own directory: the whole of it, no partitioning.
+            args += ["--data-dir", str(party_data[i]), "--num-partitions", "1"]
+        elif data_dir is not None:
             args += ["--data-dir", str(data_dir)]
         started.append(supervisor.start(f"trainer-{i + 1}", "hfl_trainer.main", args))
     operator = obtain_operator_certificate(
@@ -331,7 +384,9 @@ def start_federation(
 def _run_services(
     supervisor: Supervisor, prepared: Prepared, opts: RunOptions
 ) -> aggregator_pb2.GetStatusResponse:
-    federation = start_federation(supervisor, prepared, opts.plan.trainers, opts.data_dir)
+    federation = start_federation(
+        supervisor, prepared, opts.plan.trainers, opts.data_dir, opts.party_data
+    )
     endpoints = {
         s.name: {
             "grpc": f"127.0.0.1:{s.grpc_port}",
@@ -466,12 +521,33 @@ def _report(workdir: Path, status: aggregator_pb2.GetStatusResponse, opts: RunOp
     evaluated = [r for r in rows if r.eval_examples > 0]
     final = evaluated[-1].eval_accuracy if evaluated else float("nan")
     _say(f"federation done: {len(rows)} rounds, final test accuracy {final:.4f}")
+    _report_models(workdir, status, final)
     if opts.expect_accuracy is not None:
         if not final >= opts.expect_accuracy:
             _say(f"FAILED: accuracy {final:.4f} is below the expected {opts.expect_accuracy:.2f}")
             return 1
         _say(f"reached the expected test accuracy of at least {opts.expect_accuracy:.0%}")
     return 0
+
+
+def _report_models(workdir: Path, status: aggregator_pb2.GetStatusResponse, final: float) -> None:
+    """List the models the trainers took home; add the federated metrics beside them."""
+    models = sorted((workdir / "models").glob("*/model.keras"))
+    if not models:
+        return
+    summary = {
+        "plan_sha256": status.plan_sha256,
+        "rounds_completed": len(
+            [r for r in status.rounds if r.state == aggregator_pb2.ROUND_STATE_COMPLETED]
+        ),
+        "final_federated_accuracy": final if math.isfinite(final) else None,
+        "models": {m.parent.name: str(m.relative_to(workdir)) for m in models},
+    }
+    (workdir / "models" / "federation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _say(f"final model taken home by {len(models)} trainer(s): {models[0].parent.parent}/")
+    for m in models:
+        _say(f"  {m}  (provenance: {m.parent / 'provenance.json'})")
+    _say(f"  evaluate one: hfl evaluate {models[0].parent} [--project DIR] [--data-dir DIR]")
 
 
 def _plot(workdir: Path, records: list[dict[str, Any]]) -> Path:

@@ -18,6 +18,7 @@ import enum
 import hashlib
 import json
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,7 +35,19 @@ ROLES = ("attestation", "aggregator", "trainer")
 # The strategy names, parameters and defaults: hfl_common.strategy_registry.
 STRATEGIES = STRATEGY_NAMES
 MODELS = ("small_cnn", "resnet20", "resnet56", "resnet50")
-DATASETS = ("digits", "cifar10", "synthetic")
+DATASETS = ("digits", "cifar10", "synthetic", "table", "images", "npz")
+# The built-in models and datasets are ordinary entry points ("module:function"),
+# resolved exactly like a project's own (hfl_trainer.project); the short names are
+# spellings of these entries.
+BUILTIN_MODEL_ENTRIES = {name: f"hfl_trainer.models:{name}" for name in MODELS}
+BUILTIN_DATA_ENTRIES = {
+    "digits": "hfl_trainer.data:digits",
+    "cifar10": "hfl_trainer.data:cifar10",
+    "synthetic": "hfl_trainer.data:synthetic_data",
+    "table": "hfl_trainer.loaders:table",
+    "images": "hfl_trainer.loaders:image_folder",
+    "npz": "hfl_trainer.loaders:npz",
+}
 ENCODINGS = ("raw", "float16", "bfloat16", "int8")
 
 
@@ -342,6 +355,10 @@ class ModelPlan:
     # Variables that are not trained by gradients (BatchNorm moving statistics).
     # In FedSGD their values travel in the update and are averaged, not stepped.
     non_trainable: tuple[str, ...] = ()
+    # The function that builds the model ("package.module:function"; a built-in
+    # name resolves to BUILTIN_MODEL_ENTRIES) and the keyword parameters it gets.
+    entry: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -351,6 +368,20 @@ class DataPlan:
     dirichlet_alpha: float
     # Examples per trainer for the synthetic dataset.
     synthetic_examples: int
+    # The function that loads this party's data ("package.module:function"; a
+    # built-in dataset name resolves to BUILTIN_DATA_ENTRIES) and its parameters.
+    entry: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """Who takes the trained model home: trainer labels, or "*" for every trainer."""
+
+    receivers: tuple[str, ...] = ("*",)
+
+    def receives(self, label: str) -> bool:
+        return "*" in self.receivers or label in self.receivers
 
 
 @dataclass(frozen=True)
@@ -439,6 +470,7 @@ class FederationPlan:
     liveness_seconds: float = 60.0
     # The voting unit is the party: at most this many of its trainers are active.
     max_trainers_per_party: int = 1
+    export: ExportPlan = field(default_factory=ExportPlan)
 
     @property
     def update_kind(self) -> str:
@@ -485,7 +517,8 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
     fed.finish()
 
     m = top.table("model", required=True)
-    model_name = m.get_str("name", choices=MODELS)
+    model_entry, model_name = _entry_or_name(m, "name", MODELS, BUILTIN_MODEL_ENTRIES, None)
+    model_params = _params(m)
     shape_raw = m._get("input_shape", _REQUIRED, (list,), "a list of positive integers")
     if not shape_raw or not all(
         isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape_raw
@@ -502,8 +535,10 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
         weights_path = base_dir / weights_path
 
     d = top.table("data")
+    data_entry, dataset = _entry_or_name(d, "dataset", DATASETS, BUILTIN_DATA_ENTRIES, "digits")
+    data_params = _params(d)
     data_plan = DataPlan(
-        dataset=d.get_str("dataset", default="digits", choices=DATASETS),
+        dataset=dataset,
         partition=d.get_str("partition", default="iid", choices=("iid", "dirichlet")),
         dirichlet_alpha=d.get_float("dirichlet_alpha", default=0.5, lo=1e-3),
         synthetic_examples=d.get_int("synthetic_examples", default=512, lo=1),
@@ -569,8 +604,36 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
     a.finish()
     if mode == "sync" and a.data:
         raise a.error(sorted(a.data)[0], 'applies only with federation.mode = "async"')
+    e = top.table("export")
+    receivers = e.str_list("receivers") if "receivers" in e.data else ("*",)
+    export = ExportPlan(receivers=receivers)
+    e.finish()
     top.finish()
 
+    model_canonical: dict[str, Any] = {
+        "name": model_name,
+        "input_shape": list(shape_raw),
+        "num_classes": num_classes,
+        # The weights are identified by their digest, not by where they lie.
+        "initial_weights_sha256": weights_sha.lower(),
+        "non_trainable": list(non_trainable),
+    }
+    data_canonical: dict[str, Any] = {
+        "dataset": data_plan.dataset,
+        "partition": data_plan.partition,
+        "dirichlet_alpha": data_plan.dirichlet_alpha,
+        "synthetic_examples": data_plan.synthetic_examples,
+    }
+    # A project's entry points and every parameter are part of the plan's identity.
+    # Built-ins without parameters keep the canonical form they always had.
+    for section, entry, builtin, given in (
+        (model_canonical, model_entry, BUILTIN_MODEL_ENTRIES.get(model_name), model_params),
+        (data_canonical, data_entry, BUILTIN_DATA_ENTRIES.get(dataset), data_params),
+    ):
+        if entry != builtin:
+            section["entry"] = entry
+        if given:
+            section["params"] = dict(given)
     canonical = {
         "federation": {
             "name": name,
@@ -585,15 +648,8 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
             "liveness_seconds": liveness,
             "max_trainers_per_party": per_party,
         },
-        "model": {
-            "name": model_name,
-            "input_shape": list(shape_raw),
-            "num_classes": num_classes,
-            # The weights are identified by their digest, not by where they lie.
-            "initial_weights_sha256": weights_sha.lower(),
-            "non_trainable": list(non_trainable),
-        },
-        "data": data_plan.__dict__,
+        "model": model_canonical,
+        "data": data_canonical,
         "training": training.__dict__,
         "strategy": {"name": strategy_name, **params},
         "update": update.__dict__,
@@ -601,6 +657,8 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
     }
     if mode == "async":
         canonical["async"] = asynchronous.__dict__
+    if export.receivers != ("*",):
+        canonical["export"] = {"receivers": list(export.receivers)}
     return FederationPlan(
         name=name,
         rounds=rounds,
@@ -617,8 +675,17 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
             initial_weights=weights_path,
             initial_weights_sha256=weights_sha.lower(),
             non_trainable=non_trainable,
+            entry=model_entry,
+            params=model_params,
         ),
-        data=data_plan,
+        data=DataPlan(
+            dataset=data_plan.dataset,
+            partition=data_plan.partition,
+            dirichlet_alpha=data_plan.dirichlet_alpha,
+            synthetic_examples=data_plan.synthetic_examples,
+            entry=data_entry,
+            params=data_params,
+        ),
         training=training,
         strategy=StrategyPlan(name=strategy_name, params=params),
         update=update,
@@ -628,7 +695,73 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
         asynchronous=asynchronous,
         liveness_seconds=liveness,
         max_trainers_per_party=per_party,
+        export=export,
     )
+
+
+_ENTRY_PATTERN = re.compile(
+    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+)
+
+
+def _entry_or_name(
+    t: _Table,
+    name_key: str,
+    names: tuple[str, ...],
+    entries: Mapping[str, str],
+    default: str | None,
+) -> tuple[str, str]:
+    """(entry point, name) of a [model] or [data] table: `entry` or a built-in `name_key`.
+
+    A project names its function (`entry = "myproject.model:build"`); a built-in is named
+    by its short name, which is a spelling of its entry point. Giving both is an error.
+    """
+    has_entry = "entry" in t.data
+    has_name = name_key in t.data
+    if has_entry and has_name:
+        raise t.error("entry", f"and {name_key} are exclusive; give one of them")
+    if has_entry:
+        entry = t.get_str("entry")
+        if not _ENTRY_PATTERN.match(entry):
+            raise t.error("entry", f'must look like "package.module:function", got {entry!r}')
+        return entry, entry
+    if not has_name and default is None:
+        raise t.error(
+            name_key,
+            f"is required: a built-in ({', '.join(names)}) or "
+            'entry = "package.module:function" (your own)',
+        )
+    name = t.get_str(name_key, default=default, choices=names)
+    return entries[name], name
+
+
+def _params(t: _Table) -> Mapping[str, Any]:
+    """The [<section>.params] table: keyword parameters for the entry point, as given."""
+    params = t.table("params")
+    for key, value in params.data.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise params.error(key, "must be a Python identifier (it is a keyword argument)")
+        _check_param_value(params, key, value)
+        params.used.add(key)
+    return dict(sorted(params.data.items()))
+
+
+def _check_param_value(t: _Table, key: str, value: Any) -> None:
+    if isinstance(value, bool | int | str):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise t.error(key, f"must be finite, got {value}")
+        return
+    if isinstance(value, list):
+        for item in value:
+            _check_param_value(t, key, item)
+        return
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_param_value(t, key, item)
+        return
+    raise t.error(key, f"must be a string, number, boolean, list or table, got {value!r}")
 
 
 def load_plan(path: Path) -> FederationPlan:

@@ -157,6 +157,8 @@ class EnclaveOptions:
     state_dir: Path
     party: str | None = None
     party_key: Path | None = None
+    # A trainer's federation project, measured into its identity (hfl_trainer --project).
+    project: Path | None = None
 
     @classmethod
     def from_args(cls, role: str, ns: argparse.Namespace) -> EnclaveOptions:
@@ -171,6 +173,7 @@ class EnclaveOptions:
             state_dir=ns.state_dir,
             party=getattr(ns, "party", None),
             party_key=getattr(ns, "party_key", None),
+            project=getattr(ns, "project", None),
         )
 
 
@@ -226,7 +229,7 @@ class Enclave:
                 raise ConfigError("--tee simulated needs --sim-platform DIR")
             check_no_code_injection()
             platform = SimulatedPlatform.load(opts.sim_platform)
-            identity = service_identity(opts.role, platform, opts.isv_svn)
+            identity = service_identity(opts.role, platform, opts.isv_svn, opts.project)
             provider = SimulatedProvider(platform, identity)
             sealing = SimulatedSealingKeys(
                 simulated_sealing_secret(opts.sim_platform), identity.mrenclave

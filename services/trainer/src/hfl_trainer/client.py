@@ -100,8 +100,12 @@ class FederationClient:
         on_round: Callable[[int], None] | None = None,
         metrics: TrainerMetrics | None = None,
         step_delay: float = 0.0,
+        on_done: Callable[[int, int, dict[str, np.ndarray]], None] | None = None,
     ) -> None:
         self._plan = plan
+        # Called with (rounds completed, model version, final weights) when the
+        # federation is done, before leaving (hfl_trainer.export takes the model home).
+        self._on_done = on_done
         self._trainer = trainer
         self._connect = connect
         self._label = label
@@ -213,7 +217,7 @@ class FederationClient:
             task = response.task
             kind = task.kind
             if kind == aggregator_pb2.TASK_KIND_DONE:
-                self._finish()
+                self._finish(rounds=task.round)
                 return
             if kind == aggregator_pb2.TASK_KIND_WAIT:
                 self._set(state="waiting")
@@ -296,9 +300,13 @@ class FederationClient:
             response.total_rounds,
         )
 
-    def _finish(self, failure: str = "") -> None:
-        """The federation ended: done, or failed (`failure` is the aggregator's reason)."""
+    def _finish(self, failure: str = "", rounds: int = 0) -> None:
+        """The federation ended: done after `rounds`, or failed (`failure` is the
+        aggregator's reason). When done, `on_done` gets the final model first."""
         failed = bool(failure)
+        if not failed and self._on_done is not None:
+            version, weights = self._download(0)
+            self._on_done(rounds, version, weights)
         self._set(state="failed" if failed else "done")
         try:
             self._call(

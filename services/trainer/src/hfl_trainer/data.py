@@ -156,6 +156,39 @@ def synthetic(
     )
 
 
+# --------------------------------------------------------------------------- entry points
+# The built-in datasets as entry points (hfl_common.config.BUILTIN_DATA_ENTRIES), called
+# by hfl_trainer.project like a project's own data function.
+
+
+def digits(data_dir: Path | None = None) -> Dataset:
+    """Entry point ``hfl_trainer.data:digits``: the bundled digits (``data_dir`` unused)."""
+    return load_digits()
+
+
+def cifar10(data_dir: Path | None = None) -> Dataset:
+    """Entry point ``hfl_trainer.data:cifar10``: CIFAR-10 batches from ``data_dir``."""
+    if data_dir is None:
+        raise DataError(
+            "dataset cifar10 needs the trainer's --data-dir pointing at the CIFAR-10 batches "
+            "(nothing is downloaded)"
+        )
+    return load_cifar10(data_dir)
+
+
+def synthetic_data(
+    data_dir: Path | None = None,
+    *,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    seed: int,
+    synthetic_examples: int = 512,
+    num_partitions: int = 1,
+) -> Dataset:
+    """Entry point ``hfl_trainer.data:synthetic_data``: ``synthetic_examples`` per party."""
+    return synthetic(synthetic_examples * num_partitions, input_shape, num_classes, seed=seed)
+
+
 # --------------------------------------------------------------------------- CIFAR-10
 
 

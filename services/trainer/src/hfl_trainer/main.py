@@ -1,12 +1,17 @@
 """hfl-trainer: trains on this party's private data, inside its enclave.
 
-Start-up, in order: flags -> policy and plan -> this party's data (never
-downloaded; digits are bundled with scikit-learn) and its partition -> the
-model, checked against the plan's model spec (the first mismatch is named)
--> the enclave -> verify and pin the attestation service -> our certificate
+Start-up, in order: flags -> policy and plan -> the federation project, if
+any (--project: its package made importable; its files are measured into this
+trainer's identity) -> this party's data through the plan's data entry point
+(never downloaded; validated: shapes, labels, NaN) and, in a local simulation
+only, its partition -> the model through the plan's model entry point, checked
+against the plan's initial weights (the first mismatch is named) -> the
+enclave -> verify and pin the attestation service -> our certificate
 -> before anything is sent: verify the aggregator's quote under the policy
 and that the plan hash in its evidence is this trainer's plan -> join and
-work until the federation is done (exit 0) or fails (exit 1).
+work until the federation is done (exit 0) or fails (exit 1). When it is
+done, a trainer the plan's [export] receivers names downloads the final model
+and writes model.keras and provenance.json into --output-dir (hfl_trainer.export).
 
 Everything after the flags is `build_trainer` (beside the aggregator's
 `build_aggregator`), which returns a SERVING `RunningTrainer`; its
@@ -24,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 from prometheus_client import CollectorRegistry
 
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc
 from hfl_common.attest_client import AttestedRoleAuthorizer, connect_verified
-from hfl_common.codec import check_specs, specs_of
 from hfl_common.config import FederationPlan, load_plan
 from hfl_common.errors import ConfigError, FailedPreconditionError
 from hfl_common.logs import configure_logging
@@ -45,9 +50,11 @@ from hfl_common.runtime import (
 from hfl_common.server import RunningServer, ServerConfig, ServiceRegistration, build_server
 from hfl_common.tee.verify import Verdict
 from hfl_trainer import data as data_lib
+from hfl_trainer import project as project_lib
 from hfl_trainer.client import Backoff, FederationClient, TrainerState
+from hfl_trainer.export import export_model
 from hfl_trainer.metrics import TrainerMetrics
-from hfl_trainer.models import build_model, get_weights, load_weights_file
+from hfl_trainer.models import get_weights
 from hfl_trainer.progress import ProgressReporter
 from hfl_trainer.training import LocalTrainer
 
@@ -63,9 +70,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attestation", default="127.0.0.1:7400", help="attestation service")
     p.add_argument("--aggregator", default="127.0.0.1:7401", help="aggregator address")
     p.add_argument("--label", default="trainer", help="a name for logs and Status")
-    p.add_argument("--data-dir", type=Path, help="CIFAR-10 directory (dataset cifar10)")
+    p.add_argument(
+        "--project", type=Path,
+        help="the federation project directory (its code is measured into this identity)",
+    )  # fmt: skip
+    p.add_argument(
+        "--data-dir", type=Path,
+        help="this party's own data directory, passed to the plan's data entry point",
+    )  # fmt: skip
+    p.add_argument(
+        "--output-dir", type=Path,
+        help="where the final model goes (model.keras, provenance.json); "
+        "default: <state-dir>/model",
+    )  # fmt: skip
     p.add_argument("--trainer-index", type=int, default=0, help="this party's partition")
-    p.add_argument("--num-partitions", type=int, default=1, help="partitions in a local run")
+    p.add_argument(
+        "--num-partitions", type=int, default=1,
+        help="local simulation only: split the loaded data into this many partitions",
+    )  # fmt: skip
     p.add_argument(
         "--give-up-after", type=float, default=300.0, help="seconds without the aggregator"
     )
@@ -81,31 +103,10 @@ def parser() -> argparse.ArgumentParser:
 def load_partition(
     plan: FederationPlan, data_dir: Path | None, index: int, parts: int
 ) -> data_lib.Dataset:
-    dataset = plan.data.dataset
-    if dataset == "digits":
-        full = data_lib.load_digits()
-    elif dataset == "cifar10":
-        if data_dir is None:
-            raise ConfigError("dataset cifar10 needs --data-dir pointing at the CIFAR-10 batches")
-        full = data_lib.load_cifar10(data_dir)
-    else:
-        full = data_lib.synthetic(
-            plan.data.synthetic_examples * parts,
-            plan.model.input_shape,
-            plan.model.num_classes,
-            seed=plan.seed,
-        )
-    if not 0 <= index < parts:
-        raise ConfigError(f"--trainer-index {index} must be in [0, {parts})")
-    indices = data_lib.partition(
-        full.y_train,
-        parts,
-        index,
-        scheme="dirichlet" if plan.data.partition == "dirichlet" else "iid",
-        alpha=plan.data.dirichlet_alpha,
-        seed=plan.seed,
-    )
-    return full.with_train_indices(indices)
+    """This party's validated data (partition `index` of `parts` in a local simulation)."""
+    if parts < 1:
+        raise ConfigError(f"--num-partitions {parts} must be at least 1")
+    return project_lib.load_data(plan, data_dir, index=index, num_partitions=parts)
 
 
 class TrainerStatusServicer(aggregator_pb2_grpc.TrainerServiceServicer):
@@ -158,6 +159,8 @@ class TrainerConfig:
     metrics_listen: str = "127.0.0.1:0"
     give_up_after: float = 300.0
     step_delay: float = 0.0
+    # Where the final model goes; None: <state dir>/model.
+    output_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.step_delay < 0:
@@ -178,6 +181,7 @@ class TrainerConfig:
             metrics_listen=ns.metrics_listen,
             give_up_after=ns.give_up_after,
             step_delay=ns.step_delay,
+            output_dir=ns.output_dir,
         )
 
 
@@ -225,15 +229,12 @@ def build_trainer(config: TrainerConfig, registry: CollectorRegistry) -> Running
     hash) before anything is sent. Raises ConfigError or what attestation raises.
     """
     plan = load_plan(config.plan_path)
+    if config.enclave.project is not None:
+        project_lib.use_project(config.enclave.project)
     partition = load_partition(plan, config.data_dir, config.trainer_index, config.num_partitions)
-    model = build_model(plan.model.name, plan.model.input_shape, plan.model.num_classes, plan.seed)
-    initial = load_weights_file(plan.model.initial_weights)
-    check_specs(
-        specs_of(initial),
-        specs_of(get_weights(model)),
-        f"the plan's model {plan.model.name} does not match its initial weights "
-        f"{plan.model.initial_weights.name}",
-    )
+    model = project_lib.build(plan.model, plan.seed)
+    project_lib.check_initial_weights(model, plan.model)
+    output_dir = config.output_dir or config.enclave.state_dir / "model"
     trainer = LocalTrainer(
         model,
         partition,
@@ -278,6 +279,22 @@ def build_trainer(config: TrainerConfig, registry: CollectorRegistry) -> Running
             on_verdict=status.record_aggregator,
         )
 
+    def take_model_home(rounds: int, version: int, weights: dict[str, np.ndarray]) -> None:
+        # The aggregator's MRENCLAVE as the trainer last verified it (connect_verified).
+        measured = status.aggregator_mrenclave
+        evaluation = trainer.evaluate(weights)
+        export_model(
+            output_dir,
+            model,
+            weights,
+            plan=plan,
+            label=config.label,
+            rounds_completed=rounds,
+            model_version=version,
+            aggregator_mrenclave=measured,
+            evaluation=evaluation,
+        )
+
     client = FederationClient(
         plan,
         trainer,
@@ -289,6 +306,7 @@ def build_trainer(config: TrainerConfig, registry: CollectorRegistry) -> Running
         metrics=metrics,
         backoff=Backoff(give_up_after=config.give_up_after),
         step_delay=config.step_delay,
+        on_done=take_model_home if plan.export.receives(config.label) else None,
     )
     server.add_shutdown_hook(stop_metrics)
     server.add_shutdown_hook(pinned.close)

@@ -69,7 +69,7 @@ WeightSpec = list[tuple[str, tuple[int, ...], str]]
 
 
 @contextlib.contextmanager
-def _seeded_python_random(seed: int) -> Iterator[None]:
+def seeded_python_random(seed: int) -> Iterator[None]:
     """Seed Python's ``random`` for a block and restore its previous state after."""
     state = random.getstate()
     random.seed(seed)
@@ -79,10 +79,63 @@ def _seeded_python_random(seed: int) -> Iterator[None]:
         random.setstate(state)
 
 
+def small_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
+    """Entry point ``hfl_trainer.models:small_cnn`` (the plan's ``name = "small_cnn"``)."""
+    _check_dimensions(input_shape, num_classes)
+    return _small_cnn(tuple(input_shape), num_classes)
+
+
+def resnet20(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
+    """Entry point ``hfl_trainer.models:resnet20``."""
+    _check_dimensions(input_shape, num_classes)
+    return _cifar_resnet(
+        "resnet20", tuple(input_shape), num_classes, _CIFAR_RESNET_BLOCKS["resnet20"]
+    )
+
+
+def resnet56(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
+    """Entry point ``hfl_trainer.models:resnet56``."""
+    _check_dimensions(input_shape, num_classes)
+    return _cifar_resnet(
+        "resnet56", tuple(input_shape), num_classes, _CIFAR_RESNET_BLOCKS["resnet56"]
+    )
+
+
+def resnet50(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
+    """Entry point ``hfl_trainer.models:resnet50`` (Keras' ResNet50 with a logits head)."""
+    _check_dimensions(input_shape, num_classes)
+    return keras.applications.ResNet50(
+        weights=None,
+        include_top=True,
+        input_shape=tuple(input_shape),
+        classes=num_classes,
+        classifier_activation=None,
+        name="resnet50",
+    )
+
+
+def _check_dimensions(input_shape: tuple[int, ...], num_classes: int) -> None:
+    if num_classes < 2:
+        raise InvalidArgumentError(f"num_classes is {num_classes}; a classifier needs at least 2")
+    if not input_shape or any(d <= 0 for d in input_shape):
+        raise InvalidArgumentError(f"input_shape {input_shape} must be non-empty and positive")
+
+
+_BUILTINS = {
+    "small_cnn": small_cnn,
+    "resnet20": resnet20,
+    "resnet56": resnet56,
+    "resnet50": resnet50,
+}
+
+
 def build_model(
     name: str, input_shape: tuple[int, ...], num_classes: int, seed: int
 ) -> keras.Model:
     """Build one of :data:`MODEL_NAMES` with deterministic initial weights.
+
+    Each is also the entry point ``hfl_trainer.models:<name>`` that a plan's
+    ``[model] name`` stands for (:mod:`hfl_trainer.project` builds any entry).
 
     - ``small_cnn``: conv 3x3/16 -> conv 3x3/32 -> max-pool 2 -> dense, for
       8x8x1 digits (works for any small image).
@@ -94,29 +147,14 @@ def build_model(
     - ``resnet50``: ``keras.applications.ResNet50(weights=None, classes=...)``,
       the reference configuration, with a logits head.
     """
-    if num_classes < 2:
-        raise InvalidArgumentError(f"num_classes is {num_classes}; a classifier needs at least 2")
-    if not input_shape or any(d <= 0 for d in input_shape):
-        raise InvalidArgumentError(f"input_shape {input_shape} must be non-empty and positive")
-    with _seeded_python_random(seed):
-        if name == "small_cnn":
-            model = _small_cnn(input_shape, num_classes)
-        elif name in _CIFAR_RESNET_BLOCKS:
-            model = _cifar_resnet(name, input_shape, num_classes, _CIFAR_RESNET_BLOCKS[name])
-        elif name == "resnet50":
-            model = keras.applications.ResNet50(
-                weights=None,
-                include_top=True,
-                input_shape=input_shape,
-                classes=num_classes,
-                classifier_activation=None,
-                name="resnet50",
-            )
-        else:
-            raise InvalidArgumentError(
-                f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}"
-            )
-    _check_unique_paths(model)
+    build = _BUILTINS.get(name)
+    if build is None:
+        raise InvalidArgumentError(
+            f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}"
+        )
+    with seeded_python_random(seed):
+        model = build(input_shape, num_classes)
+    check_unique_paths(model)
     logger.debug(
         "built model %s input=%s classes=%d params=%d",
         name,
@@ -138,6 +176,7 @@ def _small_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
     return keras.Model(inputs, outputs, name="small_cnn")
 
 
+@keras.saving.register_keras_serializable(package="hfl")
 class ZeroPadShortcut(keras.layers.Layer):  # type: ignore[misc]
     """Option A shortcut of He et al. 2016: stride-2 subsampling, zero-padded channels."""
 
@@ -213,7 +252,7 @@ def _cifar_resnet(
     return keras.Model(inputs, outputs, name=name)
 
 
-def _check_unique_paths(model: keras.Model) -> None:
+def check_unique_paths(model: keras.Model) -> None:
     seen: set[str] = set()
     for v in model.weights:
         if v.path in seen:

@@ -1,0 +1,152 @@
+"""The trained model goes home: the final global model as a Keras file plus its provenance.
+
+When the federation is done, a trainer that the plan's ``[export] receivers``
+names downloads the final global model (before it leaves, while its session still
+holds) and writes, into its output directory:
+
+``model.keras``
+    the plan's model with the final weights, loadable with ``keras.saving.load_model``
+    (a project's model needs the project importable: ``hfl evaluate --project DIR``
+    or :func:`load_exported` do that);
+``provenance.json``
+    what the model is and where it came from: the plan's SHA-256, name and entry
+    points with their parameters, the rounds completed, the model version, the
+    aggregator's MRENCLAVE as this trainer verified it in its quote, this trainer's
+    evaluation of the final model on its held-out data, and the SHA-256 of the
+    weights (of their canonical ``.npz``, :func:`hfl_trainer.models.weights_npz_bytes`)
+    and of ``model.keras``.
+
+Files are written to a temporary name and renamed, so a reader never sees half a model.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from hfl_common.config import FederationPlan
+from hfl_trainer.models import set_weights, weights_npz_bytes
+from hfl_trainer.training import EvalResult
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+PROVENANCE_FILE = "provenance.json"
+PROVENANCE_FORMAT = "hfl-model-provenance/1"
+
+
+@dataclass(frozen=True)
+class Exported:
+    model: Path
+    provenance: Path
+    weights_sha256: str
+
+
+def weights_sha256(weights: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 of the weights' canonical .npz (same weights, same digest)."""
+    return hashlib.sha256(weights_npz_bytes(weights)).hexdigest()
+
+
+def export_model(
+    output_dir: Path,
+    model: keras.Model,
+    weights: Mapping[str, np.ndarray],
+    *,
+    plan: FederationPlan,
+    label: str,
+    rounds_completed: int,
+    model_version: int,
+    aggregator_mrenclave: str,
+    evaluation: EvalResult | None,
+) -> Exported:
+    """Write ``model.keras`` and ``provenance.json`` into ``output_dir``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    set_weights(model, weights)
+    digest = weights_sha256(weights)
+    model_path = output_dir / MODEL_FILE
+    tmp_model = output_dir / f".{MODEL_FILE}.tmp.keras"
+    model.save(tmp_model)
+    keras_sha = hashlib.sha256(tmp_model.read_bytes()).hexdigest()
+    os.replace(tmp_model, model_path)
+    provenance: dict[str, Any] = {
+        "format": PROVENANCE_FORMAT,
+        "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "trainer": label,
+        "plan": {
+            "name": plan.name,
+            "sha256": plan.sha256_hex,
+            "model": {
+                "entry": plan.model.entry,
+                "params": dict(plan.model.params),
+                "input_shape": list(plan.model.input_shape),
+                "num_classes": plan.model.num_classes,
+                "initial_weights_sha256": plan.model.initial_weights_sha256,
+            },
+            "data": {"entry": plan.data.entry, "params": dict(plan.data.params)},
+            "strategy": plan.strategy.name,
+            "rounds_planned": plan.rounds,
+        },
+        "rounds_completed": rounds_completed,
+        "model_version": model_version,
+        "aggregator_mrenclave": aggregator_mrenclave,
+        "final_metrics": (
+            {
+                "scope": "this trainer's held-out data",
+                "loss": evaluation.loss,
+                "accuracy": evaluation.accuracy,
+                "examples": evaluation.num_examples,
+            }
+            if evaluation is not None
+            else None
+        ),
+        "weights_sha256": digest,
+        "model_file": MODEL_FILE,
+        "model_file_sha256": keras_sha,
+    }
+    provenance_path = output_dir / PROVENANCE_FILE
+    tmp = output_dir / f".{PROVENANCE_FILE}.tmp"
+    tmp.write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, provenance_path)
+    log.info(
+        "final model (version %d, %d rounds) written to %s; weights sha256 %s",
+        model_version,
+        rounds_completed,
+        model_path,
+        digest,
+    )
+    return Exported(model_path, provenance_path, digest)
+
+
+def load_exported(path: Path, project: Path | None = None) -> keras.Model:
+    """Load an exported ``model.keras`` (or the directory holding it).
+
+    A project's model may use the project's own layers: give its directory, which is
+    made importable first. Only Keras and the project's code are needed.
+    """
+    from hfl_common.errors import InvalidArgumentError
+
+    if project is not None:
+        from hfl_trainer.project import use_project
+
+        use_project(project)
+    file = path / MODEL_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise InvalidArgumentError(f"{file}: no exported model here (expected {MODEL_FILE})")
+    try:
+        model: keras.Model = keras.saving.load_model(file, compile=False)
+    except (ValueError, TypeError, OSError) as exc:
+        hint = "" if project else "; if it is a project's model, give --project DIR"
+        raise InvalidArgumentError(
+            f"{file}: cannot load the model ({' '.join(str(exc).split())[:300]}){hint}"
+        ) from None
+    return model
