@@ -500,6 +500,33 @@ def run_worker(config_path: Path) -> int:
     recorder = _Recorder()
     clients: list[Any] = []
     registries: list[Any] = []
+    # Installed first, so that a worker stopped even while its trainers attest reports.
+    errors: list[str] = []
+    rss_before = [proc_status_kb(os.getpid(), "VmRSS")]
+
+    def report(stopped: bool) -> None:
+        retries = sum(int(r.get_sample_value("hfl_trainer_retries_total") or 0) for r in registries)
+        stop_note = ["stopped by the harness (scenario timeout)"] if stopped else []
+        Path(cfg.out).write_text(
+            json.dumps(
+                {
+                    "events": recorder.events,
+                    "errors": [*errors, *stop_note],
+                    "warnings": warnings,
+                    "retries": retries,
+                    "baseline_rss_kb": rss_before[0],
+                    "peak_rss_kb": proc_status_kb(os.getpid(), "VmHWM"),
+                    "trainers": len(cfg.labels),
+                    "tensorflow_imported": "tensorflow" in sys.modules,
+                }
+            )
+        )
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        report(stopped=True)
+        os._exit(3)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     closers: list[Callable[[], None]] = []
     # sequential: trainer i+1 starts its download of round r once trainer i uploaded it.
     uploaded: dict[tuple[int, int], threading.Event] = {}
@@ -569,32 +596,7 @@ def run_worker(config_path: Path) -> int:
                 backoff=client_mod.Backoff(give_up_after=600),
             )
         )
-    baseline_rss = proc_status_kb(os.getpid(), "VmRSS")
-    errors: list[str] = []
-
-    def report(stopped: bool) -> None:
-        retries = sum(int(r.get_sample_value("hfl_trainer_retries_total") or 0) for r in registries)
-        stop_note = ["stopped by the harness (scenario timeout)"] if stopped else []
-        Path(cfg.out).write_text(
-            json.dumps(
-                {
-                    "events": recorder.events,
-                    "errors": [*errors, *stop_note],
-                    "warnings": warnings,
-                    "retries": retries,
-                    "baseline_rss_kb": baseline_rss,
-                    "peak_rss_kb": proc_status_kb(os.getpid(), "VmHWM"),
-                    "trainers": len(cfg.labels),
-                    "tensorflow_imported": "tensorflow" in sys.modules,
-                }
-            )
-        )
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        report(stopped=True)
-        os._exit(3)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    rss_before[0] = proc_status_kb(os.getpid(), "VmRSS")
 
     def run(client: Any, label: str) -> None:
         try:
@@ -945,8 +947,8 @@ def summarize(
         "client_extra_peak_per_trainer_over_model": (
             max(per_trainer_extra) if per_trainer_extra else math.nan
         ),
-        "failed_trainers": sum(len(r["errors"]) for r in reports)
-        + (sc.trainers - sum(r["trainers"] for r in reports)),
+        # a trainer that never got its DONE task failed (or was stopped: timed_out)
+        "failed_trainers": sc.trainers - len({e[0] for e in events if e[1] == "task_done"}),
         "retries": sum(r["retries"] for r in reports),
         "deadline_exceeded": sum(
             1 for r in reports for w in r["warnings"] if "DEADLINE_EXCEEDED" in w
