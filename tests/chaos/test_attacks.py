@@ -32,7 +32,7 @@ from hfl_common.server import (
 from hfl_common.tee import EnclaveIdentity, SimulatedProvider
 from tests.attestation.conftest import Identities, ServiceFactory, VerifierFactory
 
-from .pki import Issued, ChaosCa
+from .pki import ChaosCa, Issued
 from .proxy import ControlledProxy
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
