@@ -19,7 +19,7 @@ class Issued:
     cert_pem: bytes
 
 
-class TestCa:
+class ChaosCa:
     def __init__(self) -> None:
         self.key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hfl chaos CA")])

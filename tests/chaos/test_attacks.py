@@ -32,7 +32,7 @@ from hfl_common.server import (
 from hfl_common.tee import EnclaveIdentity, SimulatedProvider
 from tests.attestation.conftest import Identities, ServiceFactory, VerifierFactory
 
-from .pki import Issued, TestCa
+from .pki import ChaosCa, Issued
 from .proxy import ControlledProxy
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
@@ -62,7 +62,7 @@ class Uploads(aggregator_pb2_grpc.AggregatorServiceServicer):
 
 @dataclass
 class Edge:
-    ca: TestCa
+    ca: ChaosCa
     server: RunningServer
     registry: CollectorRegistry
     trainer: Issued
@@ -93,7 +93,7 @@ class Edge:
 
 
 def _edge(limits: CallLimits, max_workers: int = 16) -> Edge:
-    ca = TestCa()
+    ca = ChaosCa()
     server_cert = ca.issue("aggregator", server=True)
     registry = CollectorRegistry()
     server = build_server(

@@ -8,7 +8,9 @@ machine is slow, not wrong). `FUZZ_EXAMPLES` is the count; CI runs it as is.
 
 from __future__ import annotations
 
+import functools
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,15 +42,27 @@ LIMIT = 1 << 20
 
 # --- shared samples (made once per module) ----------------------------------------------
 
-_PLATFORM_DIR = Path(tempfile.mkdtemp(prefix="hfl-fuzz-")) / "platform"
-PLATFORM = SimulatedPlatform.create(_PLATFORM_DIR)
-IDENTITY = EnclaveIdentity(
-    mrenclave=bytes(range(32)), mrsigner=PLATFORM.mrsigner, isv_prod_id=3, isv_svn=1
-)
-QUOTE = PLATFORM.quote(IDENTITY, bytes(64))
-_KEY = ratls.EnclaveKey.generate()
-CERT = ratls.make_ra_tls_certificate(_KEY, SimulatedProvider(PLATFORM, IDENTITY))
-CERT_PARSED = ratls.parse_ra_tls_certificate(CERT)
+
+@dataclass(frozen=True)
+class Samples:
+    quote: bytes
+    cert: bytes
+    cert_parsed: ratls.RaTlsCertificate
+
+
+@functools.cache
+def samples() -> Samples:
+    """A simulated quote and RA-TLS certificate, made once, on first use (not at import:
+    collecting this file for `make test-fast` must not build a platform)."""
+    platform = SimulatedPlatform.create(Path(tempfile.mkdtemp(prefix="hfl-fuzz-")) / "platform")
+    identity = EnclaveIdentity(
+        mrenclave=bytes(range(32)), mrsigner=platform.mrsigner, isv_prod_id=3, isv_svn=1
+    )
+    cert = ratls.make_ra_tls_certificate(
+        ratls.EnclaveKey.generate(), SimulatedProvider(platform, identity)
+    )
+    return Samples(platform.quote(identity, bytes(64)), cert, ratls.parse_ra_tls_certificate(cert))
+
 
 _TENSORS = {
     "w": np.arange(24, dtype=np.float32).reshape(4, 6),
@@ -144,7 +158,7 @@ def test_random_bytes_are_never_a_quote(data: bytes) -> None:
 def test_a_mutated_quote_parses_to_the_bytes_given_or_is_refused(
     changes: list[tuple[int, int]],
 ) -> None:
-    data = _mutate(QUOTE, changes)
+    data = _mutate(samples().quote, changes)
     try:
         quote = parse_quote(data)
     except EvidenceError as exc:
@@ -166,8 +180,8 @@ def _unchanged(data: bytes) -> None:
     except EvidenceError as exc:
         assert exc.reason_code  # noqa: PT017
         return
-    assert parsed.quote == CERT_PARSED.quote
-    assert parsed.spki_sha256 == CERT_PARSED.spki_sha256
+    assert parsed.quote == samples().cert_parsed.quote
+    assert parsed.spki_sha256 == samples().cert_parsed.spki_sha256
 
 
 @FUZZ
@@ -182,7 +196,7 @@ def test_random_bytes_are_never_an_ra_tls_certificate(data: bytes) -> None:
 def test_a_mutated_ra_tls_certificate_is_refused_or_carries_the_same_quote_and_key(
     changes: list[tuple[int, int]],
 ) -> None:
-    _unchanged(_mutate(CERT, changes))
+    _unchanged(_mutate(samples().cert, changes))
 
 
 # --- the policy parser ---------------------------------------------------------------------
