@@ -474,6 +474,8 @@ class RoundEngine:
 
     def _check_training(self, r: SyncRound, now: float) -> SyncRound | None:
         """Liveness and deadline of a training round; the round to aggregate, if it closes."""
+        if r.folding:
+            return None  # an accepted update is still being stored; decide at the next tick
         for t in r.waiting_for:
             rec = self._registry.get(t)
             if rec is None or not self._registry.is_live(rec, now):
@@ -514,7 +516,8 @@ class RoundEngine:
     def _fail_attempt(self, reason: FailureReason, message: str) -> None:
         r = self._round
         assert r is not None
-        r.collector.close()
+        if not r.folding:
+            r.collector.close()
         self.metrics.rounds_failed.labels(reason=reason.value).inc()
         self._history.append(
             RoundRecord(
@@ -624,10 +627,33 @@ class RoundEngine:
                 raise
             r = self._round
             assert r is not None
-            r.collector.add(update, ticket.meta.num_examples)
+            # Reserve the update's place (no duplicate or replay can pass now), then fold
+            # it in outside the engine lock: a spill to disk must not stall other calls.
             r.received[ticket.trainer_id] = ticket.meta
             r.nonces.add(ticket.meta.nonce)
             r.lost.discard(ticket.trainer_id)
+            r.folding += 1
+        try:
+            with r.fold_lock:
+                r.collector.add(update, ticket.meta.num_examples)
+        except Exception as exc:
+            with self._cond:
+                r.folding -= 1
+                r.received.pop(ticket.trainer_id, None)
+                self._refusals.count(record, exc)
+                self._close_if_abandoned(r)
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            r.folding -= 1
+            if self._round is not r or self._phase is not Phase.TRAINING:
+                # The attempt failed while this update was folded in: it does not count.
+                self._close_if_abandoned(r)
+                raise FailedPreconditionError(
+                    f"round {r.round} attempt {r.attempt} ended while this update was being "
+                    "stored; ask for a new task",
+                    "stale",
+                )
             record.updates_accepted += 1
             self.metrics.updates_received.inc()
             log.info(
@@ -637,7 +663,7 @@ class RoundEngine:
                 len(r.selected),
                 ticket.trainer_id,
             )
-            if not r.waiting_for and len(r.received) >= self.plan.min_updates:
+            if not r.waiting_for and len(r.received) >= self.plan.min_updates and not r.folding:
                 closing = self._begin_aggregation()
             self._cond.notify_all()
             result = Accepted(r.round, r.base_version)
@@ -645,6 +671,11 @@ class RoundEngine:
             with self._cond:
                 return replace(result, applied_version=self._version_of_round(closing.round))
         return result
+
+    def _close_if_abandoned(self, r: SyncRound) -> None:
+        """Free the store of a round that ended while updates were folded into it."""
+        if (self._round is not r or self._phase is not Phase.TRAINING) and not r.folding:
+            r.collector.close()
 
     def _version_of_round(self, round_number: int) -> int:
         for h in reversed(self._history):
