@@ -147,6 +147,8 @@ class RoundEngine:
         self._ready: deque[AsyncBuffer] = deque()
         self._apply_lock = threading.Lock()
         self._eval: AsyncEval | None = None
+        # Trainers whose last task was an evaluation (their next one trains).
+        self._evaluated_last: set[str] = set()
         self._version_times: deque[float] = deque(maxlen=11)
         self._apply_failures = 0
         ckpt = self._writer.load(plan.sha256_hex)
@@ -978,7 +980,13 @@ class RoundEngine:
                 "", TaskKind.WAIT, self._version + 1, self._version, message="waiting for trainers"
             )
         ev = self._eval
-        if ev is not None and trainer_id in ev.waiting_for():
+        # Evaluation goes first, but never twice in a row while training goes on: with
+        # evaluations every few versions a fast trainer would otherwise only evaluate.
+        if (
+            ev is not None
+            and trainer_id in ev.waiting_for()
+            and not (self._phase is Phase.TRAINING and trainer_id in self._evaluated_last)
+        ):
             return Task(
                 ev.task_id,
                 TaskKind.EVALUATE,
@@ -1045,6 +1053,7 @@ class RoundEngine:
             )
             self._last_accepted[ticket.trainer_id] = meta.task_id
             self._atasks.pop(ticket.trainer_id, None)
+            self._evaluated_last.discard(ticket.trainer_id)  # it trained: it may evaluate
             self._nonces[meta.nonce] = self._version
             record.updates_accepted += 1
             self.metrics.updates_received.inc()
@@ -1288,6 +1297,7 @@ class RoundEngine:
                     "duplicate",
                 )
             ev.evals[record.trainer_id] = (num_examples, loss, accuracy)
+            self._evaluated_last.add(record.trainer_id)
             if not ev.waiting_for():
                 self._finish_async_eval()
                 finished = True
