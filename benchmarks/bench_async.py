@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -57,6 +58,8 @@ class Config:
     rounds: int
     evaluate_every: int
     label: str
+    # FedAvg's server learning rate (the step a buffer's mean delta is applied with)
+    server_lr: float = 1.0
 
 
 @dataclass
@@ -80,6 +83,7 @@ def run_config(
         rounds=config.rounds,
         dataset="digits",
         strategy="fedavg",
+        strategy_params=(("server_lr", config.server_lr),),
         local_epochs=1,
         seed=seed,
         round_timeout=600.0,
@@ -166,6 +170,7 @@ def summarize(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str, An
             {
                 "config": o.config.name,
                 "label": o.config.label,
+                "server_lr": o.config.server_lr,
                 "time_to_target_s": o.time_to_target,
                 "ratio_to_sync": ratio,
                 "final_accuracy": o.final_accuracy,
@@ -197,6 +202,7 @@ def summarize(outcomes: list[Outcome], args: argparse.Namespace) -> dict[str, An
         "budget_s": args.budget,
         "target_accuracy": args.target,
         "results": rows,
+        "command": "benchmarks/bench_async.py " + " ".join(args.argv),
     }
 
 
@@ -204,6 +210,8 @@ def markdown(summary: dict[str, Any]) -> str:
     slow = summary["measured_slowdown_of_slow_trainer"]
     lines = [
         "# Asynchronous aggregation with one slow trainer (benchmarks/bench_async.py)",
+        "",
+        f"Command: `{summary['command']}`",
         "",
         f"{summary['trainers']} trainers on digits (small CNN, IID, FedAvg, 1 local epoch); "
         f"the last sleeps {summary['step_delay_s']} s after each batch "
@@ -213,16 +221,16 @@ def markdown(summary: dict[str, Any]) -> str:
         f"Each configuration ran for {summary['budget_s']:.0f} s of wall time; target "
         f"accuracy {summary['target_accuracy']}. Machine: {summary['machine']}.",
         "",
-        "| configuration | time to target (s) | vs sync | final accuracy (version) | "
+        "| configuration | server lr | time to target (s) | vs sync | final accuracy (version) | "
         "mean staleness | staleness histogram |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in summary["results"]:
         ttt = f"{r['time_to_target_s']:.1f}" if r["time_to_target_s"] is not None else "not reached"
         ratio = f"{r['ratio_to_sync']:.2f}x" if r["ratio_to_sync"] is not None else "-"
         hist = ", ".join(f"{k}: {v}" for k, v in r["staleness_histogram"].items()) or "-"
         lines.append(
-            f"| {r['label']} | {ttt} | {ratio} | {r['final_accuracy']:.4f} "
+            f"| {r['label']} | {r['server_lr']} | {ttt} | {ratio} | {r['final_accuracy']:.4f} "
             f"({r['final_version']}) | {r['mean_staleness']:.2f} | {hist} |"
         )
     return "\n".join(lines) + "\n"
@@ -255,16 +263,23 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trainers", type=int, default=4)
-    p.add_argument("--step-delay", type=float, default=0.25, help="the slow trainer's s/batch")
+    p.add_argument("--step-delay", type=float, default=0.04, help="the slow trainer's s/batch")
+    p.add_argument(
+        "--async-server-lr",
+        type=float,
+        default=1.0,
+        help="FedAvg server_lr of the buffer-1 run (1.0 as in the others by default)",
+    )
     p.add_argument("--budget", type=float, default=150.0, help="wall seconds per configuration")
     p.add_argument("--target", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="*", help="run only these configurations")
     args = p.parse_args()
+    args.argv = sys.argv[1:]
     n = args.trainers
     configs = [
         Config("sync", "sync", 1, 200, 1, "sync FedAvg"),
-        Config("async1", "async", 1, 800, n, "async, buffer 1"),
+        Config("async1", "async", 1, 800, n, "async, buffer 1", args.async_server_lr),
         Config("fedbuff", "async", 3, 400, 1, "FedBuff, buffer 3"),
     ]
     if args.only:

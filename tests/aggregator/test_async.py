@@ -292,3 +292,18 @@ def test_buffered_updates_survive_a_crash_and_are_applied_exactly_once(tmp_path:
     assert again.engine.model()[1] == 2
     assert again.b() == pytest.approx(6.0)
     assert again.engine.snapshot().rounds[-1].model_version == 2
+
+
+def test_a_trainer_is_not_asked_to_evaluate_twice_in_a_row_while_training_goes_on() -> None:
+    fed = Fed(make_plan(buffer_size=1, evaluate_every=1, rounds=10))
+    a, b = fed.join("a"), fed.join("b")
+    b_task = fed.task(b)  # b is busy training, so each evaluation stays open
+    fed.send(a, 1.0)  # version 1, evaluated
+    ev = fed.task(a)
+    assert (ev.kind, ev.model_version) == (TaskKind.EVALUATE, 1)
+    fed.engine.report_evaluation(fed.sessions[a], a, ev.round, 1, 10, 0.5, 0.5)
+    fed.send(b, 1.0, task_id=b_task.task_id, base=0)  # version 2: a new evaluation
+    task = fed.task(a)
+    assert task.kind is TaskKind.TRAIN, "after an evaluation, a trains before evaluating again"
+    fed.send(a, 1.0)
+    assert fed.task(a).kind is TaskKind.EVALUATE

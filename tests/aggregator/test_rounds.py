@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from hfl_aggregator.accumulate import InMemoryUpdates, UpdateSource
 from hfl_aggregator.checkpoint import Checkpoint, CheckpointStore
+from hfl_aggregator.collect import RoundCollector
 from hfl_aggregator.engine import (
     Accepted,
     FailureReason,
@@ -460,3 +461,34 @@ def test_checkpoint_is_written_after_the_engine_lock_is_released(tmp_path: Path)
     send(engine, a, 1.0)
     send(engine, b, 3.0)
     assert held == [False]
+
+
+def test_updates_are_stored_after_the_engine_lock_is_released(tmp_path: Path) -> None:
+    engine_box: list[RoundEngine] = []
+    held: list[bool] = []
+
+    class Probe(RoundCollector):
+        def add(self, update: Mapping[str, np.ndarray], weight: float) -> None:
+            lock = engine_box[0]._cond
+            free = lock.acquire(blocking=False)
+            if free:
+                lock.release()
+            held.append(not free)
+            super().add(update, weight)
+
+    engine = RoundEngine(
+        make_plan(),
+        make_strategy("median", {}),
+        weights(),
+        AggregatorMetrics.create(CollectorRegistry()),
+        clock=Clock(),
+        collector_factory=lambda s, w: Probe(
+            RoundCollector.for_strategy(s, w, tmp_path).source()  # type: ignore[arg-type]
+        ),
+    )
+    engine_box.append(engine)
+    a, b = join(engine, "a"), join(engine, "b")
+    send(engine, a, 1.0)
+    send(engine, b, 3.0)
+    assert held == [False, False], "a spill to disk must not hold the engine lock"
+    np.testing.assert_array_equal(engine.model()[2]["b"], np.full(2, 2.0, np.float32))

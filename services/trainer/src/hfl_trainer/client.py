@@ -230,8 +230,13 @@ class FederationClient:
                         self._evaluate(task)
             except grpc.RpcError as err:
                 code = _code(err)
-                if error_reason(err) == "UNKNOWN_SESSION":
+                reason = error_reason(err)
+                if reason == "UNKNOWN_SESSION":
                     self._session = ""
+                elif reason == "NO_SUCH_VERSION":
+                    # The model the task named is gone (its evaluation ended, the round
+                    # moved on): the task was overtaken; ask for the next one.
+                    log.info("task %s overtaken: %s", task.task_id, _details(err))
                 elif code in (
                     grpc.StatusCode.FAILED_PRECONDITION,
                     grpc.StatusCode.ALREADY_EXISTS,

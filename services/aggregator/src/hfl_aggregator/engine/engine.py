@@ -147,6 +147,8 @@ class RoundEngine:
         self._ready: deque[AsyncBuffer] = deque()
         self._apply_lock = threading.Lock()
         self._eval: AsyncEval | None = None
+        # Trainers whose last task was an evaluation (their next one trains).
+        self._evaluated_last: set[str] = set()
         self._version_times: deque[float] = deque(maxlen=11)
         self._apply_failures = 0
         ckpt = self._writer.load(plan.sha256_hex)
@@ -474,6 +476,8 @@ class RoundEngine:
 
     def _check_training(self, r: SyncRound, now: float) -> SyncRound | None:
         """Liveness and deadline of a training round; the round to aggregate, if it closes."""
+        if r.folding:
+            return None  # an accepted update is still being stored; decide at the next tick
         for t in r.waiting_for:
             rec = self._registry.get(t)
             if rec is None or not self._registry.is_live(rec, now):
@@ -514,7 +518,8 @@ class RoundEngine:
     def _fail_attempt(self, reason: FailureReason, message: str) -> None:
         r = self._round
         assert r is not None
-        r.collector.close()
+        if not r.folding:
+            r.collector.close()
         self.metrics.rounds_failed.labels(reason=reason.value).inc()
         self._history.append(
             RoundRecord(
@@ -624,10 +629,33 @@ class RoundEngine:
                 raise
             r = self._round
             assert r is not None
-            r.collector.add(update, ticket.meta.num_examples)
+            # Reserve the update's place (no duplicate or replay can pass now), then fold
+            # it in outside the engine lock: a spill to disk must not stall other calls.
             r.received[ticket.trainer_id] = ticket.meta
             r.nonces.add(ticket.meta.nonce)
             r.lost.discard(ticket.trainer_id)
+            r.folding += 1
+        try:
+            with r.fold_lock:
+                r.collector.add(update, ticket.meta.num_examples)
+        except Exception as exc:
+            with self._cond:
+                r.folding -= 1
+                r.received.pop(ticket.trainer_id, None)
+                self._refusals.count(record, exc)
+                self._close_if_abandoned(r)
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            r.folding -= 1
+            if self._round is not r or self._phase is not Phase.TRAINING:
+                # The attempt failed while this update was folded in: it does not count.
+                self._close_if_abandoned(r)
+                raise FailedPreconditionError(
+                    f"round {r.round} attempt {r.attempt} ended while this update was being "
+                    "stored; ask for a new task",
+                    "stale",
+                )
             record.updates_accepted += 1
             self.metrics.updates_received.inc()
             log.info(
@@ -637,7 +665,7 @@ class RoundEngine:
                 len(r.selected),
                 ticket.trainer_id,
             )
-            if not r.waiting_for and len(r.received) >= self.plan.min_updates:
+            if not r.waiting_for and len(r.received) >= self.plan.min_updates and not r.folding:
                 closing = self._begin_aggregation()
             self._cond.notify_all()
             result = Accepted(r.round, r.base_version)
@@ -645,6 +673,11 @@ class RoundEngine:
             with self._cond:
                 return replace(result, applied_version=self._version_of_round(closing.round))
         return result
+
+    def _close_if_abandoned(self, r: SyncRound) -> None:
+        """Free the store of a round that ended while updates were folded into it."""
+        if (self._round is not r or self._phase is not Phase.TRAINING) and not r.folding:
+            r.collector.close()
 
     def _version_of_round(self, round_number: int) -> int:
         for h in reversed(self._history):
@@ -947,7 +980,13 @@ class RoundEngine:
                 "", TaskKind.WAIT, self._version + 1, self._version, message="waiting for trainers"
             )
         ev = self._eval
-        if ev is not None and trainer_id in ev.waiting_for():
+        # Evaluation goes first, but never twice in a row while training goes on: with
+        # evaluations every few versions a fast trainer would otherwise only evaluate.
+        if (
+            ev is not None
+            and trainer_id in ev.waiting_for()
+            and not (self._phase is Phase.TRAINING and trainer_id in self._evaluated_last)
+        ):
             return Task(
                 ev.task_id,
                 TaskKind.EVALUATE,
@@ -1014,6 +1053,7 @@ class RoundEngine:
             )
             self._last_accepted[ticket.trainer_id] = meta.task_id
             self._atasks.pop(ticket.trainer_id, None)
+            self._evaluated_last.discard(ticket.trainer_id)  # it trained: it may evaluate
             self._nonces[meta.nonce] = self._version
             record.updates_accepted += 1
             self.metrics.updates_received.inc()
@@ -1257,6 +1297,7 @@ class RoundEngine:
                     "duplicate",
                 )
             ev.evals[record.trainer_id] = (num_examples, loss, accuracy)
+            self._evaluated_last.add(record.trainer_id)
             if not ev.waiting_for():
                 self._finish_async_eval()
                 finished = True

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import threading
 from dataclasses import dataclass, field
 
 from hfl_aggregator.collect import RoundCollector
@@ -58,6 +59,10 @@ class SyncRound:
     received: dict[str, UpdateMeta] = field(default_factory=dict)
     nonces: set[bytes] = field(default_factory=set)
     lost: set[str] = field(default_factory=set)
+    # Accepted updates being folded into `collector` outside the engine lock (one at a
+    # time, under fold_lock); the round is not aggregated or closed while any is.
+    folding: int = 0
+    fold_lock: threading.Lock = field(default_factory=threading.Lock)
     # Evaluation of the model this round produced.
     eval_version: int = -1
     eval_selected: list[str] = field(default_factory=list)
