@@ -752,7 +752,12 @@ def attestation_service(fed: Federation) -> Iterator[str]:
 
 @contextlib.contextmanager
 def aggregator_process(
-    fed: Federation, plan: Path, attestation: str, env_extra: Mapping[str, str], log_path: Path
+    fed: Federation,
+    plan: Path,
+    attestation: str,
+    env_extra: Mapping[str, str],
+    log_path: Path,
+    trainers: int,
 ) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     state = plan.with_suffix(".state")
     shutil.rmtree(state, ignore_errors=True)
@@ -763,6 +768,8 @@ def aggregator_process(
         "--sim-platform", str(fed.platform), "--state-dir", str(state),
         "--attestation", attestation, "--listen", "127.0.0.1:0",
         "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file), "--log-json",
+        # each waiting trainer's long-poll holds a worker (hfl_aggregator.main)
+        "--max-workers", str(max(64, 2 * trainers + 8)),
     ]  # fmt: skip
     env = {
         k: v for k, v in os.environ.items() if not k.startswith("HFL_") and k not in _STRIPPED_ENV
@@ -830,7 +837,10 @@ def run_scenario(
     per = math.ceil(sc.trainers / sc.workers)
     groups = [labels[i : i + per] for i in range(0, len(labels), per)]
     started = time.time()
-    with aggregator_process(fed, plan, attestation, sc.env, log_path) as (agg, target):
+    with aggregator_process(fed, plan, attestation, sc.env, log_path, sc.trainers) as (
+        agg,
+        target,
+    ):
         time.sleep(1.0)  # let it settle: the idle RSS is measured before anyone joins
         with ProcSampler(agg.pid) as sampler:
             idle_rss_kb = sampler.samples[0].rss_kb

@@ -59,6 +59,11 @@ from hfl_common.server import (
 
 log = logging.getLogger(__name__)
 
+# A waiting trainer's GetTask long-poll holds a worker thread for up to 30 s, and
+# hfl_common.server refuses ordinary calls beyond max_workers - control_reserve:
+# 64 serves about 30 trainers without refusals (more: raise --max-workers).
+DEFAULT_MAX_WORKERS = 64
+
 TICK_SECONDS = 0.5
 
 
@@ -69,6 +74,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attestation", default="127.0.0.1:7400", help="attestation service")
     p.add_argument("--label", default="aggregator")
     p.add_argument("--upload-slots", type=int, default=1, help="uploads decoded at once")
+    p.add_argument(
+        "--max-workers", type=int, default=DEFAULT_MAX_WORKERS,
+        help="gRPC worker threads: a trainer's long-poll holds one, so allow about two per "
+        "trainer plus a few (calls beyond the limit are refused RESOURCE_EXHAUSTED and retried)",
+    )  # fmt: skip
     return p
 
 
@@ -108,6 +118,8 @@ class AggregatorConfig:
     listen: str = "127.0.0.1:7401"
     metrics_listen: str | None = "127.0.0.1:9401"
     upload_slots: int = 1
+    # Worker threads of the gRPC server (long-polls hold one each; see --max-workers).
+    max_workers: int = DEFAULT_MAX_WORKERS
     # How long an upload stream may stay open without sending its header.
     header_timeout_seconds: float = 10.0
     tick_seconds: float = TICK_SECONDS
@@ -133,6 +145,7 @@ class AggregatorConfig:
             listen=ns.listen,
             metrics_listen=ns.metrics_listen,
             upload_slots=ns.upload_slots,
+            max_workers=ns.max_workers,
         )
 
 
@@ -212,7 +225,11 @@ def build_aggregator(config: AggregatorConfig, registry: CollectorRegistry) -> R
         host, port = split_listen(config.listen)
         server = build_server(
             ServerConfig(
-                service="aggregator", host=host, port=port, grace_seconds=config.grace_seconds
+                service="aggregator",
+                host=host,
+                port=port,
+                grace_seconds=config.grace_seconds,
+                max_workers=config.max_workers,
             ),
             services=[
                 ServiceRegistration(

@@ -359,7 +359,9 @@ def start_federation(
         "aggregator",
         "hfl_aggregator.main",
         [*service_args(prepared, "aggregator"), "--plan", str(prepared.plan),
-         "--attestation", attestation],
+         "--attestation", attestation,
+         # each waiting trainer's long-poll holds a worker (hfl_aggregator.main)
+         "--max-workers", str(max(64, 2 * trainers + 8))],
         env=AGGREGATOR_ENV,
     )  # fmt: skip
     supervisor.wait_ready(agg)
