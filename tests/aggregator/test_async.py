@@ -107,6 +107,7 @@ class Fed:
         task_id: str | None = None,
         nonce: bytes | None = None,
         examples: int = 10,
+        kind: str = "delta",
     ) -> Accepted:
         # An explicit task id is an upload of work started earlier: no new poll first.
         task = self.task(name) if task_id is None else None
@@ -117,7 +118,7 @@ class Fed:
             base_model_version=(
                 base if base is not None else task.model_version if task is not None else 0
             ),
-            kind="delta",
+            kind=kind,
             num_examples=examples,
             nonce=nonce or np.random.default_rng().bytes(16),
             train_loss=1.0,
@@ -307,3 +308,16 @@ def test_a_trainer_is_not_asked_to_evaluate_twice_in_a_row_while_training_goes_o
     assert task.kind is TaskKind.TRAIN, "after an evaluation, a trains before evaluating again"
     fed.send(a, 1.0)
     assert fed.task(a).kind is TaskKind.EVALUATE
+
+
+def test_fedsgd_in_async_mode_steps_on_each_staleness_weighted_gradient() -> None:
+    fed = Fed(make_plan(buffer_size=1, strategy="fedsgd"))  # server_lr 0.01, polynomial 1
+    a, b = fed.join("a"), fed.join("b")
+    fed.task(b)
+    params = fed.task(a).train
+    assert params is not None
+    assert params.update_kind == "gradient"
+    fed.send(a, 100.0, kind="gradient")  # w = 0 - 0.01 * 100 = -1
+    assert fed.b() == pytest.approx(-1.0)
+    fed.send(b, 100.0, kind="gradient")  # staleness 1: gradient weighted 1/2
+    assert fed.b() == pytest.approx(-1.5)
