@@ -30,6 +30,7 @@ class AggregatorMetrics:
     checkpoint_writes: Counter
     last_checkpoint: Gauge
     federation_done: Gauge
+    dp_epsilon: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> AggregatorMetrics:
@@ -97,5 +98,10 @@ class AggregatorMetrics:
             ),
             federation_done=Gauge(
                 p + "federation_done", "1 once the federation has ended", registry=registry
+            ),
+            dp_epsilon=Gauge(
+                p + "dp_epsilon",
+                "Differential privacy spent so far: epsilon at the plan's delta (0 without DP)",
+                registry=registry,
             ),
         )

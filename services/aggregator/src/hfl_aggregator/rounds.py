@@ -42,6 +42,7 @@ from hfl_aggregator.checkpoint import Checkpoint, CheckpointStore
 from hfl_aggregator.collect import RoundCollector
 from hfl_aggregator.metrics import AggregatorMetrics
 from hfl_aggregator.strategies import Strategy
+from hfl_aggregator.strategies.central_dp import PrivateStrategy
 from hfl_common.config import FederationPlan
 from hfl_common.errors import (
     AlreadyExistsError,
@@ -167,6 +168,10 @@ class RoundEngine:
         self._phase = Phase.WAITING
         self._round: _Round | None = None
         self._failure = ""
+        # Why the federation ended before its last round (the privacy budget).
+        self._stop_reason = ""
+        # Differential privacy hooks: sampling, budget, per-round epsilon.
+        self._private = strategy if isinstance(strategy, PrivateStrategy) else None
         self._closing = False
         self._spec = {name: (arr.shape, arr.dtype) for name, arr in initial_weights.items()}
         if checkpoints is not None:
@@ -175,6 +180,11 @@ class RoundEngine:
                 self._restore(ckpt)
         if self._completed >= plan.rounds:
             self._phase = Phase.DONE
+        elif self._private is not None and (reason := self._private.stop_reason()):
+            # The budget was spent before a restart: it stays spent.
+            self._stop_for_budget(reason)
+        if self._private is not None:
+            metrics.dp_epsilon.set(self._private.status()["epsilon"])
         metrics.total_rounds.set(plan.rounds)
         metrics.model_version.set(self._version)
         metrics.federation_done.set(1 if self._phase is Phase.DONE else 0)
@@ -197,6 +207,13 @@ class RoundEngine:
             self.plan.rounds,
             self._version,
         )
+
+    def _stop_for_budget(self, reason: str) -> None:
+        self._phase = Phase.DONE
+        self._stop_reason = reason
+        self._round = None
+        self.metrics.federation_done.set(1)
+        log.warning("federation stopped after round %d: %s", self._completed, reason)
 
     def _checkpoint(self) -> None:
         if self._checkpoints is None:
@@ -339,7 +356,13 @@ class RoundEngine:
 
     def _task_for(self, trainer_id: str) -> Task:
         if self._phase is Phase.DONE:
-            return Task("done", TaskKind.DONE, self._completed, self._version, message="done")
+            return Task(
+                "done",
+                TaskKind.DONE,
+                self._completed,
+                self._version,
+                message=self._stop_reason or "done",
+            )
         if self._phase is Phase.FAILED:
             return Task(
                 "failed",
@@ -394,9 +417,16 @@ class RoundEngine:
             return
         attempt = self._round.attempt + 1 if self._round is not None else 1
         number = self._completed + 1
-        count = max(self.plan.min_updates, math.ceil(self.plan.fraction * len(active)))
-        rng = random.Random(f"{self.plan.seed}:{number}:{attempt}")
-        selected = sorted(rng.sample(active, min(count, len(active))))
+        if self._private is not None:
+            reason = self._private.stop_reason(len(active))
+            if reason:
+                self._stop_for_budget(reason)
+                return
+            selected = self._private.select(active)
+        else:
+            count = max(self.plan.min_updates, math.ceil(self.plan.fraction * len(active)))
+            rng = random.Random(f"{self.plan.seed}:{number}:{attempt}")
+            selected = sorted(rng.sample(active, min(count, len(active))))
         self._round = _Round(
             round=number,
             attempt=attempt,
@@ -661,8 +691,11 @@ class RoundEngine:
                     "train_loss": train_loss,
                     "duration_seconds": duration,
                     "aggregation_seconds": elapsed,
+                    **(self._private.round_record() if self._private is not None else {}),
                 }
             )
+            if self._private is not None:
+                self.metrics.dp_epsilon.set(self._private.status()["epsilon"])
             self.metrics.rounds_completed.inc()
             self.metrics.model_version.set(self._version)
             self.metrics.round_duration.observe(duration)
@@ -814,6 +847,8 @@ class RoundEngine:
                 "trainers": trainers,
                 "rounds": rounds,
                 "failure": self._failure,
+                "stop_reason": self._stop_reason,
+                "privacy": self._private.status() if self._private is not None else {},
             }
 
 

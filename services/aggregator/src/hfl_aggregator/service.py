@@ -68,6 +68,11 @@ ALLOWED_ROLES: dict[str, frozenset[str]] = {
 ALLOWED_ROLES[f"/{SERVICE_NAME}/GetStatus"] = frozenset({"operator"})
 
 
+# The round record's fields that RoundSummary carries (the record also has the
+# aggregation time and, under differential privacy, dp_epsilon and friends).
+_ROUND_FIELDS = frozenset(aggregator_pb2.RoundSummary.DESCRIPTOR.fields_by_name)
+
+
 def encoding_code(name: str) -> int:
     return _ENCODINGS[name]
 
@@ -278,9 +283,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
             model=self._plan.model.name,
             trainers=[aggregator_pb2.TrainerStatus(**t) for t in snap["trainers"]],
             rounds=[
-                aggregator_pb2.RoundSummary(
-                    **{k: v for k, v in r.items() if k != "aggregation_seconds"}
-                )
+                aggregator_pb2.RoundSummary(**{k: v for k, v in r.items() if k in _ROUND_FIELDS})
                 for r in snap["rounds"]
             ],
         )
