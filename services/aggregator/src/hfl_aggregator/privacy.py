@@ -31,6 +31,7 @@ floating-point implementation (see docs/privacy.md).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -44,6 +45,8 @@ from dp_accounting import pld, rdp
 
 from hfl_common.errors import InvalidArgumentError
 
+log = logging.getLogger(__name__)
+
 Array = npt.NDArray[Any]
 Weights = dict[str, Array]
 
@@ -52,6 +55,7 @@ _NOISE_BLOCK = 1 << 20
 # PLD discretisation: 1e-3 gives the same epsilon as 1e-4 to 1e-6 relative here
 # (pessimistic estimates, so still an upper bound) at a tenth of the time.
 _PLD_DISCRETIZATION = 1e-3
+_PLD_MIN_NOISE = 0.1
 
 
 # ------------------------------------------------------------------ clipping
@@ -205,14 +209,18 @@ class Epsilon:
     rdp: float
     pld: float
     rounds: int
+    # The neighbouring relation epsilon is stated under: "add_or_remove_one" (a
+    # party's whole contribution present or absent) or "replace_one".
+    relation: str = "add_or_remove_one"
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> dict[str, float | int | str]:
         return {
             "epsilon": self.epsilon,
             "delta": self.delta,
             "epsilon_rdp": self.rdp,
             "epsilon_pld": self.pld,
             "rounds": self.rounds,
+            "relation": self.relation,
         }
 
 
@@ -272,11 +280,20 @@ def compute_epsilon(
     pld_accountant = pld.PLDAccountant(
         neighboring_relation=relation, value_discretization_interval=_PLD_DISCRETIZATION
     )
-    if pld_accountant.supports(event):
-        pld_accountant.compose(event)
-        eps_pld = float(pld_accountant.get_epsilon(delta))
+    # Below this noise multiplier the privacy loss distribution is too wide to
+    # discretise in reasonable time (seconds growing as 1/z), and epsilon is in the
+    # hundreds anyway: RDP alone is reported.
+    if noise_multiplier >= _PLD_MIN_NOISE and pld_accountant.supports(event):
+        try:
+            pld_accountant.compose(event)
+            eps_pld = float(pld_accountant.get_epsilon(delta))
+        except (ValueError, OverflowError, MemoryError) as exc:
+            # Tiny noise makes the privacy loss distribution too wide to discretise;
+            # RDP still gives a (large) bound.
+            log.warning("PLD accounting failed (%s); reporting the RDP bound", exc)
     best = min(eps_rdp, eps_pld) if math.isfinite(eps_pld) else eps_rdp
-    return Epsilon(best, delta, eps_rdp, eps_pld, total)
+    name = "replace_one" if relation is dp_accounting.NeighboringRelation.REPLACE_ONE else ""
+    return Epsilon(best, delta, eps_rdp, eps_pld, total, name or "add_or_remove_one")
 
 
 class PrivacyLedger:
