@@ -29,7 +29,7 @@ from hfl_common.codec import collect_stream, encode_tensors, iter_upload_message
 from hfl_common.config import FederationPlan
 from hfl_common.errors import FailedPreconditionError, HflError, UnavailableError
 from hfl_trainer.metrics import TrainerMetrics
-from hfl_trainer.privacy import add_gaussian_noise, clip_update
+from hfl_trainer.privacy import add_gaussian_noise, clip_update, local_epsilon
 from hfl_trainer.progress import ProgressReporter
 from hfl_trainer.training import LocalTrainer
 
@@ -102,6 +102,8 @@ class FederationClient:
         self._stub: aggregator_pb2_grpc.AggregatorServiceStub | None = None
         self._session = ""
         self._stop = threading.Event()
+        # Client-side DP: noised updates this trainer has released (for its epsilon).
+        self._dp_releases = 0
 
     def stop(self) -> None:
         """Ask run() to return at its next step (a call in flight is not interrupted)."""
@@ -309,9 +311,8 @@ class FederationClient:
         if self._on_round is not None:
             self._on_round(task.round)
 
-    @staticmethod
     def _privatize(
-        task: aggregator_pb2.Task, update: dict[str, np.ndarray]
+        self, task: aggregator_pb2.Task, update: dict[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
         """Client-side DP as the plan asks: clip the update's L2 norm, add Gaussian noise."""
         privacy = task.privacy
@@ -321,8 +322,17 @@ class FederationClient:
         log.debug("update L2 norm %.4g clipped to %.4g", norm, privacy.clip_norm)
         if privacy.noise_multiplier <= 0:
             return clipped
-        rng = np.random.default_rng(secrets.randbits(64))
-        return add_gaussian_noise(clipped, privacy.noise_multiplier, privacy.clip_norm, rng)
+        rng = np.random.default_rng(secrets.randbits(128))
+        noised = add_gaussian_noise(clipped, privacy.noise_multiplier, privacy.clip_norm, rng)
+        self._dp_releases += 1
+        eps = local_epsilon(privacy.noise_multiplier, self._dp_releases, self._plan.privacy.delta)
+        log.info(
+            "client-side DP: %d noised updates sent, epsilon %.4f at delta %.3g",
+            eps.releases,
+            eps.epsilon,
+            eps.delta,
+        )
+        return noised
 
     def _upload(
         self,
