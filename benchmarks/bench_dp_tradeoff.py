@@ -136,7 +136,9 @@ def federate(
     return out
 
 
-def plot(results: list[dict[str, Any]], baseline: float, path: Path, args: argparse.Namespace) -> None:
+def plot(
+    results: list[dict[str, Any]], baseline: float, path: Path, args: argparse.Namespace
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
