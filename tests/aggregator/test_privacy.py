@@ -19,7 +19,11 @@ from hfl_aggregator.checkpoint import CheckpointStore
 from hfl_aggregator.metrics import AggregatorMetrics
 from hfl_aggregator.rounds import Phase, RoundEngine, TaskKind, UpdateMeta
 from hfl_aggregator.strategies import make_strategy
-from hfl_aggregator.strategies.central_dp import PrivateStrategy, private_strategy
+from hfl_aggregator.strategies.central_dp import (
+    PrivateStrategy,
+    privacy_provenance,
+    private_strategy,
+)
 from hfl_common.config import FederationPlan, parse_plan
 from hfl_common.errors import ConfigError, InvalidArgumentError
 from hfl_common.sealing import SimulatedSealingKeys
@@ -314,7 +318,14 @@ clipped_count_stddev = 0.5
 def test_without_privacy_in_the_plan_the_strategy_is_not_wrapped() -> None:
     inner = make_strategy("fedavg", {})
     assert private_strategy(inner, make_plan()) is inner
-    assert isinstance(private_strategy(inner, central_plan()), PrivateStrategy)
+    assert privacy_provenance(inner) == {"mode": "none"}
+    wrapped = private_strategy(inner, central_plan(z=1.3, clip=0.7))
+    assert isinstance(wrapped, PrivateStrategy)
+    provenance = privacy_provenance(wrapped)
+    assert provenance["mode"] == "central"
+    assert (provenance["epsilon"], provenance["rounds"]) == (0.0, 0)
+    assert (provenance["noise_multiplier"], provenance["clip_norm"]) == (1.3, 0.7)
+    assert provenance["accountant"].startswith("dp-accounting ")
 
 
 # ----------------------------------------------------------------- plan refusals

@@ -22,6 +22,7 @@ strategy is a PrivateStrategy.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import math
 import secrets
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 _STATE_PREFIX = "central_dp/"
 _LEDGER = _STATE_PREFIX + "ledger"
 _CLIP = _STATE_PREFIX + "clip_norm"
+_DP_ACCOUNTING_VERSION = importlib.metadata.version("dp-accounting")
 
 
 class _NoisedMean:
@@ -243,3 +245,15 @@ def private_strategy(inner: Strategy, plan: FederationPlan) -> Strategy:
     if plan.privacy.mode == "none":
         return inner
     return PrivateStrategy(inner, plan)
+
+
+def privacy_provenance(strategy: Strategy) -> dict[str, Any]:
+    """What an exported model's provenance should say about differential privacy.
+
+    {"mode": "none"} without DP; otherwise the mode, epsilon at delta (and the RDP and
+    PLD bounds, the neighbouring relation, the rounds accounted), the plan's budget,
+    the accounted noise multiplier, the clip norm in force, and the accountant used.
+    """
+    if not isinstance(strategy, PrivateStrategy):
+        return {"mode": "none"}
+    return {**strategy.status(), "accountant": f"dp-accounting {_DP_ACCOUNTING_VERSION}"}
