@@ -81,18 +81,30 @@ num_classes = 10
 initial_weights = "w.npz"
 initial_weights_sha256 = "{"00" * 32}"
 [strategy]
-name = "fedavg"
-server_lr = {args.server_lr}
+name = "{args.strategy}"
+{_strategy_params(args)}
 {privacy}
 """
     )
+
+
+def _strategy_params(args: argparse.Namespace) -> str:
+    params = strategy_params(args)
+    return "\n".join(f"{k} = {v!r}" for k, v in params.items())
+
+
+def strategy_params(args: argparse.Namespace) -> dict[str, float]:
+    params = {"server_lr": args.server_lr}
+    if args.strategy == "fedavgm":
+        params["momentum"] = args.momentum
+    return params
 
 
 def federate(
     run: Run, trainers: list[LocalTrainer], initial: dict[str, np.ndarray], args: argparse.Namespace
 ) -> dict[str, Any]:
     plan = plan_for(run, args)
-    strategy = private_strategy(make_strategy("fedavg", {"server_lr": args.server_lr}), plan)
+    strategy = private_strategy(make_strategy(args.strategy, strategy_params(args)), plan)
     weights = {k: v.copy() for k, v in initial.items()}
     rng = np.random.default_rng(secrets.randbits(128))
     norms: list[float] = []
@@ -156,7 +168,8 @@ def plot(
     ax.set_xlabel(f"epsilon (delta = {results[0]['delta']:.3g})")
     ax.set_ylabel("test accuracy (digits)")
     ax.set_title(
-        f"{args.parties} parties, {args.rounds} rounds, small_cnn, FedAvg, C = {args.clip_norm}"
+        f"{args.parties} parties, {args.rounds} rounds, small_cnn, {args.strategy}, "
+        f"C = {args.clip_norm}"
     )
     ax.legend(loc="lower right")
     ax.grid(True, which="both", alpha=0.3)
@@ -171,7 +184,9 @@ def main() -> None:
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=0.1)
+    p.add_argument("--strategy", choices=("fedavg", "fedavgm"), default="fedavg")
     p.add_argument("--server-lr", type=float, default=1.0)
+    p.add_argument("--momentum", type=float, default=0.9, help="fedavgm's server momentum")
     p.add_argument("--clip-norm", type=float, default=1.0)
     p.add_argument("--central", type=float, nargs="*", default=[0.6, 0.9, 1.3, 2.0])
     p.add_argument("--client", type=float, nargs="*", default=[0.3, 0.9, 2.0])
@@ -201,7 +216,7 @@ def main() -> None:
         },
         "dataset": "digits (1347 train / 450 test), IID shares",
         "model": "small_cnn",
-        "strategy": "fedavg, every party every round",
+        "strategy": f"{args.strategy} {strategy_params(args)}, every party every round",
         "results": results,
     }
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
