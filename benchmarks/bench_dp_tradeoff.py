@@ -17,9 +17,12 @@ The aggregation is the aggregator's own code (make_strategy, private_strategy) a
 the training the trainer's own code, called in-process: no gRPC or attestation,
 which change nothing about accuracy or epsilon. Accuracy is the global model's on
 the digits held-out split (450 images). delta is 1 / parties^1.1 (the plan default).
-Results go to benchmarks/results/dp_tradeoff.{json,png}.
+Results go to benchmarks/results/dp_tradeoff.{json,png}. Client-side and central runs
+use the same noise multipliers, hence the same epsilons: the comparison is at equal
+privacy. One run per point; the noise is fresh (os.urandom) every time, so a rerun moves
+each accuracy by a point or so.
 
-    .venv/bin/python benchmarks/bench_dp_tradeoff.py            # about 5 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_dp_tradeoff.py            # about 10 minutes on 2 cores
     .venv/bin/python benchmarks/bench_dp_tradeoff.py --quick    # a smoke run
 """
 
@@ -179,17 +182,17 @@ def plot(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parties", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--parties", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--local-epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=0.1)
     p.add_argument("--strategy", choices=("fedavg", "fedavgm"), default="fedavg")
     p.add_argument("--server-lr", type=float, default=1.0)
     p.add_argument("--momentum", type=float, default=0.9, help="fedavgm's server momentum")
     p.add_argument("--clip-norm", type=float, default=1.0)
-    p.add_argument("--central", type=float, nargs="*", default=[0.6, 0.9, 1.3, 2.0])
-    p.add_argument("--client", type=float, nargs="*", default=[0.3, 0.9, 2.0])
+    p.add_argument("--central", type=float, nargs="*", default=[0.52, 0.8, 1.27, 2.07, 3.41])
+    p.add_argument("--client", type=float, nargs="*", default=[0.52, 0.8, 1.27, 2.07, 3.41])
     p.add_argument("--quick", action="store_true", help="a short smoke run")
     p.add_argument("--out", type=Path, default=RESULTS / "dp_tradeoff")
     args = p.parse_args()
