@@ -74,9 +74,26 @@ clip_norm = {clip}
 
 
 def central_plan(
-    z: float = 1.0, clip: float = 1.0, max_epsilon: float = 0.0, **kw: object
+    z: float = 1.0,
+    clip: float = 1.0,
+    max_epsilon: float = 0.0,
+    *,
+    strategy: str = "fedavg",
+    rounds: int = 3,
+    min_trainers: int = 2,
+    min_updates: int = 0,
+    fraction: float = 1.0,
+    non_trainable: str = "",
 ) -> FederationPlan:
-    return make_plan(CENTRAL.format(z=z, clip=clip, max_epsilon=max_epsilon), **kw)  # type: ignore[arg-type]
+    return make_plan(
+        CENTRAL.format(z=z, clip=clip, max_epsilon=max_epsilon),
+        strategy=strategy,
+        rounds=rounds,
+        min_trainers=min_trainers,
+        min_updates=min_updates,
+        fraction=fraction,
+        non_trainable=non_trainable,
+    )
 
 
 # ------------------------------------------------------------------ pure functions
@@ -313,6 +330,26 @@ clipped_count_stddev = 0.5
     assert restored.clip_norm == strategy.clip_norm
     assert restored.ledger.rounds == 1
     assert set(strategy.state()) >= {"m/w", "v/w", "step", "central_dp/ledger"}
+
+
+@pytest.mark.parametrize(
+    "strategy", ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedsgd"]
+)
+def test_central_dp_drives_every_mean_type_strategy(strategy: str) -> None:
+    plan = central_plan(z=0.5, clip=1.0, strategy=strategy)
+    wrapped = private_strategy(make_strategy(strategy, {}), plan)
+    zeros = {"w": np.zeros(4, np.float32)}
+    updates = [
+        ({"w": np.full(4, 0.1, np.float32)}, 5.0),
+        ({"w": np.full(4, -0.2, np.float32)}, 7.0),
+    ]
+
+    first = wrapped.aggregate(zeros, InMemoryUpdates(updates))
+    second = wrapped.aggregate(first, InMemoryUpdates(updates))
+
+    assert first["w"].dtype == np.float32
+    assert not np.array_equal(first["w"], second["w"])
+    assert wrapped.state()["central_dp/ledger"].tolist() == [[2, 2, 2]]
 
 
 def test_without_privacy_in_the_plan_the_strategy_is_not_wrapped() -> None:
