@@ -398,7 +398,7 @@ def test_plan_refuses_central_dp_in_asynchronous_mode_saying_why() -> None:
 
 def test_asynchronous_client_dp_is_not_accounted_by_the_aggregator() -> None:
     client = "[privacy]\nclip_norm = 1.0\nnoise_multiplier = 1.0\n"
-    with pytest.raises(ConfigError, match='max_epsilon needs federation.mode = "sync"'):
+    with pytest.raises(ConfigError, match=r'max_epsilon needs federation\.mode = "sync"'):
         make_plan(client + "max_epsilon = 8.0", mode="async")
     plan = make_plan(client, mode="async")
     inner = make_strategy("fedavg", {})
