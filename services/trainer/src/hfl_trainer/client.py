@@ -125,7 +125,9 @@ class FederationClient:
         # Seconds slept after every local batch: an injected slow machine (benchmarks).
         self._step_delay = step_delay
         # Client-side DP: noised updates this trainer has released (for its epsilon).
-        self._dp_releases = 0
+        self.dp_releases = 0
+        # The privacy the aggregator accounted for the final model (its DONE task).
+        self.final_privacy: aggregator_pb2.PrivacyStatus | None = None
 
     def stop(self) -> None:
         """Ask run() to return at its next step (a call in flight is not interrupted)."""
@@ -219,6 +221,15 @@ class FederationClient:
             task = response.task
             kind = task.kind
             if kind == aggregator_pb2.TASK_KIND_DONE:
+                if task.HasField("privacy"):
+                    self.final_privacy = task.privacy
+                    log.info(
+                        "the aggregator accounted %s DP: epsilon %.4f at delta %.3g%s",
+                        task.privacy.mode,
+                        task.privacy.epsilon,
+                        task.privacy.delta,
+                        f" ({task.privacy.stop_reason})" if task.privacy.stop_reason else "",
+                    )
                 self._finish(rounds=task.round)
                 return
             if kind == aggregator_pb2.TASK_KIND_WAIT:
@@ -396,8 +407,8 @@ class FederationClient:
             return clipped
         rng = np.random.default_rng(secrets.randbits(128))
         noised = add_gaussian_noise(clipped, privacy.noise_multiplier, privacy.clip_norm, rng)
-        self._dp_releases += 1
-        eps = local_epsilon(privacy.noise_multiplier, self._dp_releases, self._plan.privacy.delta)
+        self.dp_releases += 1
+        eps = local_epsilon(privacy.noise_multiplier, self.dp_releases, self._plan.privacy.delta)
         log.info(
             "client-side DP: %d noised updates sent, epsilon %.4f at delta %.3g",
             eps.releases,
