@@ -64,6 +64,8 @@ class PlanOptions:
     central_noise_multiplier: float = 0.0
     central_clip_norm: float = 1.0
     max_epsilon: float = 0.0
+    # The delta epsilon is stated at (0: the plan's default, 1 / parties^1.1).
+    dp_delta: float = 0.0
     synthetic_examples: int = 256
     strategy_params: tuple[tuple[str, float], ...] = ()
     # "sync" or "async"; buffer_size is the asynchronous buffer (1: apply each update).
@@ -226,6 +228,7 @@ def plan_toml(
             "clip_norm": opts.clip_norm,
             "noise_multiplier": opts.noise_multiplier,
             "max_epsilon": opts.max_epsilon,
+            **({"delta": opts.dp_delta} if opts.dp_delta > 0 else {}),
         },
     }
     if opts.central_noise_multiplier > 0:
