@@ -552,3 +552,31 @@ def test_a_sampled_round_is_accounted_as_m_of_n_without_replacement(tmp_path: Pa
     expected = dp.compute_epsilon(1.0, [(dp.Sampling(4, 2), 1)], 1e-5).epsilon
     assert snap.rounds[0].dp_epsilon == pytest.approx(expected)
     assert snap.privacy.epsilon == pytest.approx(expected)
+
+
+def test_a_refused_noised_aggregate_still_spends_privacy_and_the_ledger_is_sealed(
+    tmp_path: Path,
+) -> None:
+    # Every aggregate moves the model by more than 1e-9: each attempt is refused after
+    # the noised sum was computed, and the refusal is a function of it.
+    plan = make_plan(
+        CENTRAL.format(z=1.0, clip=1.0, max_epsilon=0.0) + "[update]\nmax_aggregate_norm = 1e-9"
+    )
+    store = CheckpointStore(tmp_path, SimulatedSealingKeys(b"k" * 32, b"m" * 32))
+    engine, registry = engine_for(plan, store)
+    sessions = [(engine.join(n, n, "ab" * 32, plan.sha256_hex, 10), n) for n in ("a", "b")]
+
+    run_round(engine, sessions, 1)
+
+    snap = engine.snapshot()
+    assert snap.rounds[0].failure_message.startswith("aggregate refused")
+    assert snap.model_version == 0  # nothing installed
+    one = dp.compute_epsilon(1.0, [(dp.Sampling(2, 2), 1)], 1e-5).epsilon
+    assert snap.privacy is not None
+    assert snap.privacy.rounds == 1
+    assert snap.privacy.epsilon == pytest.approx(one)
+    assert registry.get_sample_value("hfl_aggregator_dp_epsilon") == pytest.approx(one)
+    again, _ = engine_for(plan, store)
+    again_snap = again.snapshot()
+    assert again_snap.privacy is not None
+    assert again_snap.privacy.rounds == 1

@@ -705,9 +705,15 @@ class RoundEngine:
             )
         except AggregationFailedError as exc:
             log.error("round %d attempt %d: %s", r.round, r.attempt, exc)
+            spent: _Pending = None
             with self._cond:
                 self._fail_attempt(exc.reason, str(exc))
+                if self._private is not None:
+                    # A refused noised aggregate stays in the ledger (apply.py): seal it.
+                    self.metrics.dp_epsilon.set(self._private.ledger.epsilon().epsilon)
+                    spent = self._take_checkpoint()
                 self._cond.notify_all()
+            self._write(spent)
             return False
         finally:
             r.collector.close()
