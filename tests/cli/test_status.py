@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from hfl_cli.operator import format_status
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc
 from hfl_common.attest_client import connect_verified
 from hfl_common.tee.identities import service_identity
@@ -64,3 +65,46 @@ def test_trainer_status_names_the_aggregator_it_verified(live: clikit.LocalFeder
     assert status.aggregator_mrenclave == expected
     assert status.label == "trainer-1"
     assert status.state != aggregator_pb2.TRAINER_PHASE_UNSPECIFIED
+
+
+def test_status_text_shows_epsilon_the_budget_and_why_the_federation_stopped() -> None:
+    reason = "privacy budget reached: after 2 rounds epsilon is 2.943 (delta 1e-05); ..."
+    status = aggregator_pb2.GetStatusResponse(
+        federation_id="f",
+        state=aggregator_pb2.FEDERATION_STATE_DONE,
+        round=2,
+        total_rounds=5,
+        stop_reason=reason,
+        privacy=aggregator_pb2.PrivacyStatus(
+            mode="central",
+            epsilon=2.9432,
+            delta=1e-5,
+            epsilon_rdp=3.1,
+            epsilon_pld=2.9432,
+            rounds_accounted=2,
+            max_epsilon=3.3,
+            clip_norm=1.0,
+            noise_multiplier=2.0,
+            stop_reason=reason,
+        ),
+        rounds=[
+            aggregator_pb2.RoundSummary(
+                round=1, state=aggregator_pb2.ROUND_STATE_COMPLETED, dp_epsilon=1.9931
+            )
+        ],
+    )
+
+    lines = format_status(status).splitlines()
+
+    assert (
+        "privacy: central DP, epsilon 2.943 of max 3.3 at delta 1e-05 after 2 rounds "
+        "(RDP 3.1000, PLD 2.9432; noise multiplier 2, clip norm 1)"
+    ) in lines
+    assert f"stopped: {reason}" in lines
+    assert any(
+        line.strip().startswith("1 completed") and "epsilon 1.9931" in line for line in lines
+    )
+    # Without differential privacy, nothing about it is shown.
+    plain = format_status(aggregator_pb2.GetStatusResponse(federation_id="f"))
+    assert "privacy" not in plain
+    assert "epsilon" not in plain

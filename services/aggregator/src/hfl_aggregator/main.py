@@ -33,6 +33,7 @@ from hfl_aggregator.engine.journal import UpdateJournal
 from hfl_aggregator.metrics import AggregatorMetrics
 from hfl_aggregator.service import ALLOWED_ROLES, SERVICE_NAME, AggregatorServicer
 from hfl_aggregator.strategies import make_strategy
+from hfl_aggregator.strategies.central_dp import private_strategy
 from hfl_common.api import aggregator_pb2_grpc
 from hfl_common.attest_client import AttestedRoleAuthorizer
 from hfl_common.codec import specs_of
@@ -196,7 +197,9 @@ def build_aggregator(config: AggregatorConfig, registry: CollectorRegistry) -> R
         undo.callback(renewer.stop)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         metrics = AggregatorMetrics.create(registry)
-        strategy = make_strategy(plan.strategy.name, plan.strategy.params, plan.model.non_trainable)
+        strategy = private_strategy(
+            make_strategy(plan.strategy.name, plan.strategy.params, plan.model.non_trainable), plan
+        )
         spill = config.state_dir / "spill"
         engine = RoundEngine(
             plan,

@@ -33,6 +33,7 @@ class AggregatorMetrics:
     federation_done: Gauge
     staleness: Histogram
     model_versions_per_second: Gauge
+    dp_epsilon: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> AggregatorMetrics:
@@ -111,6 +112,11 @@ class AggregatorMetrics:
             model_versions_per_second=Gauge(
                 p + "model_versions_per_second",
                 "New global model versions per second, over the last versions",
+                registry=registry,
+            ),
+            dp_epsilon=Gauge(
+                p + "dp_epsilon",
+                "Differential privacy spent so far: epsilon at the plan's delta (0 without DP)",
                 registry=registry,
             ),
         )

@@ -25,6 +25,7 @@ import numpy as np
 from hfl_aggregator.engine import (
     FailureReason,
     Phase,
+    PrivacyView,
     RoundEngine,
     RoundState,
     Task,
@@ -356,7 +357,10 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
             mode=_MODES[snap.mode],
             buffer_size=snap.buffer_size,
             failure=snap.failure,
+            stop_reason=snap.stop_reason,
         )
+        if snap.privacy is not None:
+            response.privacy.CopyFrom(privacy_message(snap.privacy))
         for t in snap.trainers:
             trainer = response.trainers.add(
                 trainer_id=t.trainer_id,
@@ -383,6 +387,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                 failure=_FAILURES[r.failure] if r.failure is not None else 0,
                 failure_message=r.failure_message,
                 staleness=r.staleness,
+                dp_epsilon=r.dp_epsilon,
             )
             summary.duration.FromNanoseconds(int(r.duration_seconds * 1e9))
         return response
@@ -428,4 +433,23 @@ def task_message(task: Task) -> aggregator_pb2.Task:
         )
     elif task.kind is TaskKind.EVALUATE:
         msg.evaluate.SetInParent()
+    if task.privacy is not None:
+        msg.privacy.CopyFrom(privacy_message(task.privacy))
     return msg
+
+
+def privacy_message(view: PrivacyView) -> aggregator_pb2.PrivacyStatus:
+    """The wire form of the engine's privacy view (epsilon from the sealed ledger)."""
+    return aggregator_pb2.PrivacyStatus(
+        mode=view.mode,
+        epsilon=view.epsilon,
+        delta=view.delta,
+        epsilon_rdp=view.epsilon_rdp,
+        epsilon_pld=view.epsilon_pld,
+        rounds_accounted=view.rounds,
+        max_epsilon=view.max_epsilon,
+        clip_norm=view.clip_norm,
+        stop_reason=view.stop_reason,
+        noise_multiplier=view.noise_multiplier,
+        relation=view.relation,
+    )

@@ -60,6 +60,12 @@ class PlanOptions:
     round_timeout: float = 300.0
     clip_norm: float = 0.0
     noise_multiplier: float = 0.0
+    # Central DP in the aggregator (docs/privacy.md): on when central_noise_multiplier > 0.
+    central_noise_multiplier: float = 0.0
+    central_clip_norm: float = 1.0
+    max_epsilon: float = 0.0
+    # The delta epsilon is stated at (0: the plan's default, 1 / parties^1.1).
+    dp_delta: float = 0.0
     synthetic_examples: int = 256
     strategy_params: tuple[tuple[str, float], ...] = ()
     # "sync" or "async"; buffer_size is the asynchronous buffer (1: apply each update).
@@ -218,8 +224,18 @@ def plan_toml(
         },
         "strategy": strategy,
         "update": {"encoding": opts.encoding},
-        "privacy": {"clip_norm": opts.clip_norm, "noise_multiplier": opts.noise_multiplier},
+        "privacy": {
+            "clip_norm": opts.clip_norm,
+            "noise_multiplier": opts.noise_multiplier,
+            "max_epsilon": opts.max_epsilon,
+            **({"delta": opts.dp_delta} if opts.dp_delta > 0 else {}),
+        },
     }
+    if opts.central_noise_multiplier > 0:
+        sections["privacy.central"] = {
+            "noise_multiplier": opts.central_noise_multiplier,
+            "clip_norm": opts.central_clip_norm,
+        }
     if opts.mode == "async":
         sections["async"] = {
             "buffer_size": opts.buffer_size,

@@ -77,6 +77,20 @@ def _run_main(argv: Sequence[str] | None) -> int:
     p.add_argument("--encoding", choices=("raw", "float16", "bfloat16", "int8"), default="raw")
     p.add_argument("--clip-norm", type=float, default=0.0, help="client DP: L2 clip bound")
     p.add_argument("--noise-multiplier", type=float, default=0.0, help="client DP: noise")
+    p.add_argument(
+        "--central-noise-multiplier",
+        type=float,
+        default=0.0,
+        help="central DP in the aggregator: noise multiplier z (0: off)",
+    )
+    p.add_argument("--central-clip-norm", type=float, default=1.0, help="central DP: clip C")
+    p.add_argument("--max-epsilon", type=float, default=0.0, help="DP budget (0: none)")
+    p.add_argument(
+        "--dp-delta",
+        type=float,
+        default=0.0,
+        help="DP: the delta epsilon is stated at (0: 1 / parties^1.1)",
+    )
     p.add_argument("--synthetic-examples", type=int, default=256)
     p.add_argument("--round-timeout", type=float, default=300.0)
     p.add_argument(
@@ -116,7 +130,15 @@ def _run_main(argv: Sequence[str] | None) -> int:
     if ns.buffer_size != 1 and ns.mode != "async":
         p.error("--buffer-size applies only with --mode async")
     if ns.project is not None:
-        given = [f for f in ("--model", "--dataset") if f in (argv or [])]
+        flags = (
+            "--model",
+            "--dataset",
+            "--central-noise-multiplier",
+            "--central-clip-norm",
+            "--max-epsilon",
+            "--dp-delta",
+        )
+        given = [f for f in flags if any(a.split("=")[0] == f for a in (argv or []))]
         if given:
             p.error(f"{given[0]} does not go with --project: the project's plan.toml names it")
     elif ns.party_data:
@@ -140,6 +162,10 @@ def _run_main(argv: Sequence[str] | None) -> int:
         round_timeout=ns.round_timeout,
         clip_norm=ns.clip_norm,
         noise_multiplier=ns.noise_multiplier,
+        central_noise_multiplier=ns.central_noise_multiplier,
+        central_clip_norm=ns.central_clip_norm,
+        max_epsilon=ns.max_epsilon,
+        dp_delta=ns.dp_delta,
         synthetic_examples=ns.synthetic_examples,
         strategy_params=tuple(params),
         mode=ns.mode,

@@ -158,6 +158,10 @@ def format_status(
     ]
     if s.failure:
         lines.append(f"failed: {s.failure}")
+    if s.HasField("privacy"):
+        lines.append(format_privacy(s.privacy))
+    if s.stop_reason:
+        lines.append(f"stopped: {s.stop_reason}")
     lines += ["", "trainers:"]
     for t in s.trainers:
         seen = t.last_seen.ToDatetime(dt.UTC)
@@ -174,9 +178,21 @@ def format_status(
         lines.append(
             f"  {r.round:>4} {r_state:<9} updates {r.updates}  train loss {_fmt(r.train_loss)}  "
             f"eval loss {_fmt(r.eval_loss)}  accuracy {_fmt(r.eval_accuracy)}"
+            + (f"  epsilon {_fmt(r.dp_epsilon)}" if s.HasField("privacy") else "")
             + (f"  ({r.failure_message})" if r.failure_message else "")
         )
     return "\n".join(lines)
+
+
+def format_privacy(p: aggregator_pb2.PrivacyStatus) -> str:
+    """One line: the differential privacy spent so far, and the budget."""
+    budget = f" of max {p.max_epsilon:g}" if p.max_epsilon > 0 else " (no budget)"
+    return (
+        f"privacy: {p.mode} DP, epsilon {p.epsilon:.4g}{budget} at delta {p.delta:.3g} "
+        f"after {p.rounds_accounted} rounds (RDP {_fmt(p.epsilon_rdp)}, "
+        f"PLD {_fmt(p.epsilon_pld)}; noise multiplier {p.noise_multiplier:.4g}, "
+        f"clip norm {p.clip_norm:.4g})"
+    )
 
 
 def status_main(argv: Sequence[str] | None) -> int:

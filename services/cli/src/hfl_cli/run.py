@@ -35,7 +35,12 @@ from typing import IO, Any
 import grpc
 
 from hfl_cli.local import PlanOptions, Prepared, party_key_path, party_name, prepare
-from hfl_cli.operator import OperatorCredentials, aggregator_channel, obtain_operator_certificate
+from hfl_cli.operator import (
+    OperatorCredentials,
+    aggregator_channel,
+    format_privacy,
+    obtain_operator_certificate,
+)
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc
 from hfl_common.errors import ConfigError, HflError, UnavailableError
 
@@ -469,7 +474,7 @@ def _follow(
                 )
                 if key not in shown and settled:
                     shown.add(key)
-                    _say(_round_line(r, status.total_rounds))
+                    _say(_round_line(r, status.total_rounds, status.HasField("privacy")))
             if status.state == aggregator_pb2.FEDERATION_STATE_FAILED:
                 raise FederationError(
                     f"the federation failed: {status.failure}; see the aggregator's log"
@@ -489,13 +494,14 @@ def _fmt(value: float, spec: str = ".4f") -> str:
     return format(value, spec if abs(value) < 1e5 else ".3e")
 
 
-def _round_line(r: aggregator_pb2.RoundSummary, total: int) -> str:
+def _round_line(r: aggregator_pb2.RoundSummary, total: int, private: bool = False) -> str:
     if r.state == aggregator_pb2.ROUND_STATE_FAILED:
         return f"round {r.round:>3}/{total}  attempt {r.attempt} failed: {r.failure_message}"
     return (
         f"round {r.round:>3}/{total}  {r.updates} updates  train loss {_fmt(r.train_loss)}  "
         f"eval loss {_fmt(r.eval_loss)}  accuracy {_fmt(r.eval_accuracy)}  "
-        f"({r.duration.ToTimedelta().total_seconds():.1f} s)"
+        + (f"epsilon {_fmt(r.dp_epsilon)}  " if private else "")
+        + f"({r.duration.ToTimedelta().total_seconds():.1f} s)"
     )
 
 
@@ -516,6 +522,11 @@ def _report(workdir: Path, status: aggregator_pb2.GetStatusResponse, opts: RunOp
          "seconds": r.duration.ToTimedelta().total_seconds()}
         for r in rows
     ]  # fmt: skip
+    if status.HasField("privacy"):
+        # Differential privacy: epsilon spent after each round, at the plan's delta.
+        for record, r in zip(records, rows, strict=True):
+            record["dp_epsilon"] = r.dp_epsilon
+            record["dp_delta"] = status.privacy.delta
     (workdir / "rounds.json").write_text(json.dumps(records, indent=2))
     if opts.plot and rows:
         path = _plot(workdir, records)
@@ -523,6 +534,10 @@ def _report(workdir: Path, status: aggregator_pb2.GetStatusResponse, opts: RunOp
     evaluated = [r for r in rows if r.eval_examples > 0]
     final = evaluated[-1].eval_accuracy if evaluated else float("nan")
     _say(f"federation done: {len(rows)} rounds, final test accuracy {final:.4f}")
+    if status.HasField("privacy"):
+        _say(format_privacy(status.privacy))
+    if status.stop_reason:
+        _say(f"stopped before round {len(rows) + 1}: {status.stop_reason}")
     _report_models(workdir, status, final)
     if opts.expect_accuracy is not None:
         if not final >= opts.expect_accuracy:

@@ -28,7 +28,13 @@ from typing import Any
 from hfl_common.enrolment import PartyPublicKey, parse_public_key_text
 from hfl_common.errors import ConfigError
 from hfl_common.identity import NAME_RE
-from hfl_common.strategy_registry import STRATEGY_NAMES, check_mode, resolve_params
+from hfl_common.strategy_registry import (
+    STRATEGY_NAMES,
+    central_dp_strategies,
+    check_central_dp,
+    check_mode,
+    resolve_params,
+)
 
 ROLES = ("attestation", "aggregator", "trainer")
 
@@ -414,10 +420,57 @@ class UpdatePlan:
     max_aggregate_norm: float = 0.0
 
 
+# Strategies central DP can account: they combine the round's updates by their
+# (weighted) mean, so the aggregator can clip each update to C, add Gaussian noise
+# calibrated to C to the sum, and hand the noised mean to the server optimiser.
+CENTRAL_DP_STRATEGIES = central_dp_strategies()
+SAMPLINGS = ("fixed", "poisson")
+
+
+@dataclass(frozen=True)
+class CentralDPPlan:
+    """Central differential privacy, enforced by the aggregator (see docs/privacy.md).
+
+    Each round the aggregator clips every update to L2 norm `clip_norm`, sums them
+    with equal weight, adds N(0, (noise_multiplier * clip_norm)^2) to every
+    coordinate of the sum and divides by the number of trainers sampled.
+    """
+
+    noise_multiplier: float
+    clip_norm: float
+    # Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with
+    # Adaptive Clipping"): clip_norm is the initial value, moved each round towards
+    # the `target_quantile` of the update norms, from a count noised with
+    # N(0, clipped_count_stddev^2).
+    adaptive_clipping: bool
+    target_quantile: float
+    clip_learning_rate: float
+    clipped_count_stddev: float
+    # How trainers are sampled each round: "fixed" (the plan's fraction of the active
+    # trainers, uniformly without replacement). "poisson" is refused at load.
+    sampling: str
+
+
 @dataclass(frozen=True)
 class PrivacyPlan:
+    # Client-side DP: each trainer clips its own update and adds Gaussian noise.
     clip_norm: float
     noise_multiplier: float
+    # Accounting, for either mode: delta (0 before parsing is resolved to
+    # 1 / population**1.1), the number of parties N, and the budget (0 = none).
+    delta: float = 0.0
+    population: int = 0
+    max_epsilon: float = 0.0
+    central: CentralDPPlan | None = None
+
+    @property
+    def mode(self) -> str:
+        """ "central", "client" (trainers add noise) or "none". Central wins when both are set."""
+        if self.central is not None:
+            return "central"
+        if self.noise_multiplier > 0:
+            return "client"
+        return "none"
 
 
 STALENESS_RULES = ("constant", "polynomial", "hinge")
@@ -583,14 +636,15 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
     )
     u.finish()
 
-    p = top.table("privacy")
-    privacy = PrivacyPlan(
-        clip_norm=p.get_float("clip_norm", default=0.0, lo=0.0),
-        noise_multiplier=p.get_float("noise_multiplier", default=0.0, lo=0.0),
+    privacy = _parse_privacy(
+        top.table("privacy"),
+        strategy=strategy_name,
+        non_trainable=non_trainable,
+        min_trainers=min_trainers,
+        min_updates=min_updates,
+        fraction=fraction,
+        mode=mode,
     )
-    if privacy.noise_multiplier > 0 and privacy.clip_norm == 0:
-        raise p.error("noise_multiplier", "needs clip_norm > 0 (noise is scaled to the clip norm)")
-    p.finish()
 
     a = top.table("async")
     asynchronous = AsyncPlan(
@@ -653,7 +707,7 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
         "training": training.__dict__,
         "strategy": {"name": strategy_name, **params},
         "update": update.__dict__,
-        "privacy": privacy.__dict__,
+        "privacy": _privacy_canonical(privacy),
     }
     if mode == "async":
         canonical["async"] = asynchronous.__dict__
@@ -762,6 +816,145 @@ def _check_param_value(t: _Table, key: str, value: Any) -> None:
             _check_param_value(t, key, item)
         return
     raise t.error(key, f"must be a string, number, boolean, list or table, got {value!r}")
+
+
+def _parse_privacy(
+    p: _Table,
+    *,
+    strategy: str,
+    non_trainable: tuple[str, ...],
+    min_trainers: int,
+    min_updates: int,
+    fraction: float,
+    mode: str,
+) -> PrivacyPlan:
+    """The [privacy] table and its [privacy.central] sub-table, with every combination
+    the accountant cannot state refused here, at plan load."""
+    clip_norm = p.get_float("clip_norm", default=0.0, lo=0.0)
+    noise_multiplier = p.get_float("noise_multiplier", default=0.0, lo=0.0)
+    if noise_multiplier > 0 and clip_norm == 0:
+        raise p.error("noise_multiplier", "needs clip_norm > 0 (noise is scaled to the clip norm)")
+    population = p.get_int("population", default=0, lo=0)
+    if population == 0:
+        population = min_trainers
+    elif population < min_trainers:
+        raise p.error(
+            "population",
+            f"({population}) is the number of parties; it cannot be below min_trainers "
+            f"({min_trainers})",
+        )
+    delta = p.get_float("delta", default=0.0, lo=0.0, hi=1.0, hi_open=True)
+    if delta == 0:
+        delta = 1.0 / population**1.1
+    max_epsilon = p.get_float("max_epsilon", default=0.0, lo=0.0)
+    central = None
+    if "central" in p.data:
+        c = p.table("central")
+        central = _parse_central(
+            c, strategy, non_trainable, min_updates, fraction, population, mode
+        )
+        c.finish()
+    if max_epsilon > 0 and central is None and noise_multiplier == 0:
+        raise p.error(
+            "max_epsilon",
+            "needs differential privacy to account: set noise_multiplier (client-side) or "
+            "a [privacy.central] table",
+        )
+    if max_epsilon > 0 and mode != "sync":
+        raise p.error(
+            "max_epsilon",
+            'needs federation.mode = "sync": in asynchronous mode a trainer may send several '
+            "updates per applied buffer, so the aggregator cannot count each party's releases "
+            "(each trainer logs its own client-side epsilon)",
+        )
+    p.finish()
+    return PrivacyPlan(
+        clip_norm=clip_norm,
+        noise_multiplier=noise_multiplier,
+        delta=delta,
+        population=population,
+        max_epsilon=max_epsilon,
+        central=central,
+    )
+
+
+def _parse_central(
+    c: _Table,
+    strategy: str,
+    non_trainable: tuple[str, ...],
+    min_updates: int,
+    fraction: float,
+    population: int,
+    mode: str,
+) -> CentralDPPlan:
+    z = c.get_float("noise_multiplier", lo=0.0)
+    if z <= 0:
+        raise c.error("noise_multiplier", "must be above 0 (it is the noise that makes it private)")
+    clip = c.get_float("clip_norm", lo=0.0)
+    if clip <= 0:
+        raise c.error("clip_norm", "must be above 0")
+    adaptive = c.get_bool("adaptive_clipping", False)
+    quantile = c.get_float("target_quantile", default=0.5, lo=0.0, hi=1.0)
+    if not 0.0 < quantile < 1.0:
+        raise c.error("target_quantile", f"must lie strictly between 0 and 1, got {quantile}")
+    clip_lr = c.get_float("clip_learning_rate", default=0.2, lo=0.0)
+    if adaptive and clip_lr <= 0:
+        raise c.error("clip_learning_rate", "must be above 0 with adaptive_clipping")
+    # Andrew et al. 2021 (section 3) suggest sigma_b = expected participants / 20.
+    expected = max(min_updates, math.ceil(fraction * population))
+    count_std = c.get_float("clipped_count_stddev", default=0.0, lo=0.0)
+    if adaptive and count_std == 0:
+        count_std = expected / 20.0
+    if not adaptive:
+        count_std = 0.0
+    sampling = c.get_str("sampling", default="fixed", choices=SAMPLINGS)
+    if sampling == "poisson":
+        raise c.error(
+            "sampling",
+            '"poisson" cannot be run by this aggregator: a Poisson draw may select fewer '
+            "trainers than min_updates (or none), and the round engine then retries, which "
+            'the Poisson accountant does not cover; use "fixed" (fraction of the active '
+            "trainers, uniformly at random, accounted as sampling without replacement)",
+        )
+    try:
+        check_central_dp(strategy, mode)
+    except ConfigError as exc:
+        raise c.error("noise_multiplier", str(exc)) from None
+    if strategy == "fedsgd" and non_trainable:
+        raise c.error(
+            "noise_multiplier",
+            "cannot be accounted with fedsgd on a model with non-trainable variables "
+            f"({', '.join(non_trainable)}): FedSGD averages their values outside the clipped, "
+            "noised sum, so they would be released without noise",
+        )
+    return CentralDPPlan(
+        noise_multiplier=z,
+        clip_norm=clip,
+        adaptive_clipping=adaptive,
+        target_quantile=quantile,
+        clip_learning_rate=clip_lr,
+        clipped_count_stddev=count_std,
+        sampling=sampling,
+    )
+
+
+def _privacy_canonical(privacy: PrivacyPlan) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "clip_norm": privacy.clip_norm,
+        "noise_multiplier": privacy.noise_multiplier,
+    }
+    if privacy.mode == "none":
+        # Without DP the accounting settings change nothing: the canonical form (and
+        # the plan hash) stays what it was before they existed.
+        return out
+    out |= {
+        "delta": privacy.delta,
+        "population": privacy.population,
+        "max_epsilon": privacy.max_epsilon,
+    }
+    if privacy.central is not None:
+        out["central"] = dict(privacy.central.__dict__)
+    return out
 
 
 def load_plan(path: Path) -> FederationPlan:

@@ -36,6 +36,10 @@ class StrategySpec:
     # Aggregation modes (federation.mode) the strategy supports, and why not the others.
     modes: tuple[str, ...] = ("sync", "async")
     mode_note: str = ""
+    # Whether central DP can account it: the strategy combines the round's updates by
+    # their (weighted) mean, so the aggregator can clip each, noise the sum and hand
+    # it the noised mean. Robust rules (median, trimmed mean, Krum) cannot.
+    central_dp: bool = True
 
 
 def _positive(default: float) -> Param:
@@ -93,7 +97,9 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {
     "fedadagrad": StrategySpec(
         {"server_lr": _positive(0.01), "beta1": _unit(0.9), "tau": _positive(1e-3)}
     ),
-    "median": StrategySpec({"server_lr": _SERVER_LR_1}, modes=("sync",), mode_note=_ROBUST_NOTE),
+    "median": StrategySpec(
+        {"server_lr": _SERVER_LR_1}, modes=("sync",), mode_note=_ROBUST_NOTE, central_dp=False
+    ),
     "trimmed_mean": StrategySpec(
         {
             "beta": Param(float, 0.1, "must be in [0, 0.5)", lambda v: 0.0 <= float(v) < 0.5),
@@ -101,11 +107,13 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {
         },
         modes=("sync",),
         mode_note=_ROBUST_NOTE,
+        central_dp=False,
     ),
     "krum": StrategySpec(
         {"f": Param(int, 1, "must be >= 0", lambda v: int(v) >= 0), "server_lr": _SERVER_LR_1},
         modes=("sync",),
         mode_note=_ROBUST_NOTE,
+        central_dp=False,
     ),
     "multikrum": StrategySpec(
         {
@@ -115,6 +123,7 @@ STRATEGY_SPECS: dict[str, StrategySpec] = {
         },
         modes=("sync",),
         mode_note=_ROBUST_NOTE,
+        central_dp=False,
     ),
 }
 
@@ -175,4 +184,34 @@ def check_mode(name: str, mode: str) -> None:
             f"strategy {name!r} supports federation.mode = {' or '.join(spec.modes)}, not "
             f"{mode!r}: {spec.mode_note}. Use fedavg, fedavgm, fedadam, fedyogi, fedadagrad, "
             "fedprox or fedsgd for asynchronous aggregation"
+        )
+
+
+# Why central DP runs only in synchronous mode (docs/privacy.md).
+CENTRAL_DP_ASYNC_NOTE = (
+    "central DP is accounted as one sampled Gaussian mechanism per round: a uniformly "
+    "random sample of the active trainers, each contributing one clipped update of the "
+    "same model; an asynchronous buffer holds the first K updates to arrive, computed on "
+    "stale models, possibly several from one fast trainer, which is not that mechanism, "
+    "so no epsilon could be stated"
+)
+
+
+def central_dp_strategies() -> tuple[str, ...]:
+    """The strategies central DP can account (mean-type), in registry order."""
+    return tuple(n for n, spec in STRATEGY_SPECS.items() if spec.central_dp)
+
+
+def check_central_dp(name: str, mode: str) -> None:
+    """Refuse central DP with a strategy or aggregation mode it cannot account, saying why."""
+    if not strategy_spec(name).central_dp:
+        raise ConfigError(
+            f"central DP cannot be accounted with strategy {name!r}: it adds noise calibrated "
+            "to one trainer's clipped share of the SUM of the updates, and robust rules "
+            "(median, trimmed mean, Krum) do not aggregate by a sum, so that noise bounds "
+            "nothing they release; use one of " + ", ".join(central_dp_strategies())
+        )
+    if mode != "sync":
+        raise ConfigError(
+            f'central DP needs federation.mode = "sync", not {mode!r}: {CENTRAL_DP_ASYNC_NOTE}'
         )

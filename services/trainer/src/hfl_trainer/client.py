@@ -39,7 +39,7 @@ from hfl_common.errors import (
     error_reason,
 )
 from hfl_trainer.metrics import TrainerMetrics
-from hfl_trainer.privacy import add_gaussian_noise, clip_update
+from hfl_trainer.privacy import add_gaussian_noise, clip_update, local_epsilon
 from hfl_trainer.progress import BatchProgress, ProgressReporter
 from hfl_trainer.training import LocalTrainer
 
@@ -124,6 +124,10 @@ class FederationClient:
         self._async = False
         # Seconds slept after every local batch: an injected slow machine (benchmarks).
         self._step_delay = step_delay
+        # Client-side DP: noised updates this trainer has released (for its epsilon).
+        self.dp_releases = 0
+        # The privacy the aggregator accounted for the final model (its DONE task).
+        self.final_privacy: aggregator_pb2.PrivacyStatus | None = None
 
     def stop(self) -> None:
         """Ask run() to return at its next step (a call in flight is not interrupted)."""
@@ -217,6 +221,15 @@ class FederationClient:
             task = response.task
             kind = task.kind
             if kind == aggregator_pb2.TASK_KIND_DONE:
+                if task.HasField("privacy"):
+                    self.final_privacy = task.privacy
+                    log.info(
+                        "the aggregator accounted %s DP: epsilon %.4f at delta %.3g%s",
+                        task.privacy.mode,
+                        task.privacy.epsilon,
+                        task.privacy.delta,
+                        f" ({task.privacy.stop_reason})" if task.privacy.stop_reason else "",
+                    )
                 self._finish(rounds=task.round)
                 return
             if kind == aggregator_pb2.TASK_KIND_WAIT:
@@ -387,9 +400,8 @@ class FederationClient:
         if self._step_delay > 0:
             time.sleep(self._step_delay)
 
-    @staticmethod
     def _privatize(
-        privacy: aggregator_pb2.PrivacyConfig, update: dict[str, np.ndarray]
+        self, privacy: aggregator_pb2.PrivacyConfig, update: dict[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
         """Client-side DP as the plan asks: clip the update's L2 norm, add Gaussian noise."""
         if privacy.clip_norm <= 0:
@@ -398,8 +410,17 @@ class FederationClient:
         log.debug("update L2 norm %.4g clipped to %.4g", norm, privacy.clip_norm)
         if privacy.noise_multiplier <= 0:
             return clipped
-        rng = np.random.default_rng(secrets.randbits(64))
-        return add_gaussian_noise(clipped, privacy.noise_multiplier, privacy.clip_norm, rng)
+        rng = np.random.default_rng(secrets.randbits(128))
+        noised = add_gaussian_noise(clipped, privacy.noise_multiplier, privacy.clip_norm, rng)
+        self.dp_releases += 1
+        eps = local_epsilon(privacy.noise_multiplier, self.dp_releases, self._plan.privacy.delta)
+        log.info(
+            "client-side DP: %d noised updates sent, epsilon %.4f at delta %.3g",
+            eps.releases,
+            eps.epsilon,
+            eps.delta,
+        )
+        return noised
 
     def _upload(
         self,

@@ -14,7 +14,17 @@ holds) and writes, into its output directory:
     aggregator's MRENCLAVE as this trainer verified it in its quote, this trainer's
     evaluation of the final model on its held-out data, and the SHA-256 of the
     weights (of their canonical ``.npz``, :func:`hfl_trainer.models.weights_npz_bytes`)
-    and of ``model.keras``.
+    and of ``model.keras``; and ``privacy``: the differential privacy the model was
+    trained under (:func:`privacy_provenance`).
+
+Where epsilon comes from: under central DP (and client-side DP in synchronous
+mode) the attested aggregator keeps the ledger (dp-accounting) and sends what the
+final model spent in its DONE task (``Task.privacy``); the trainer verified that
+aggregator's quote, plan hash included, on every connection, so the figure comes
+from code every party agreed to. Trainers hold no operator rights, so they do not
+call GetStatus. Under client-side DP in asynchronous mode no aggregator ledger
+exists (refused there: a trainer may send several updates per buffer); the
+provenance then states this trainer's own guarantee for the noised updates it sent.
 
 Files are written to a temporary name and renamed, so a reader never sees half a model.
 """
@@ -25,6 +35,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,8 +45,10 @@ from typing import Any
 import keras
 import numpy as np
 
+from hfl_common.api import aggregator_pb2
 from hfl_common.config import FederationPlan
 from hfl_trainer.models import set_weights, weights_npz_bytes
+from hfl_trainer.privacy import local_epsilon
 from hfl_trainer.training import EvalResult
 
 log = logging.getLogger(__name__)
@@ -68,6 +81,7 @@ def export_model(
     model_version: int,
     aggregator_mrenclave: str,
     evaluation: EvalResult | None,
+    privacy: Mapping[str, Any] | None = None,
 ) -> Exported:
     """Write ``model.keras`` and ``provenance.json`` into ``output_dir``."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +126,7 @@ def export_model(
         "weights_sha256": digest,
         "model_file": MODEL_FILE,
         "model_file_sha256": keras_sha,
+        "privacy": dict(privacy) if privacy is not None else {"mode": plan.privacy.mode},
     }
     provenance_path = output_dir / PROVENANCE_FILE
     tmp = output_dir / f".{PROVENANCE_FILE}.tmp"
@@ -150,3 +165,56 @@ def load_exported(path: Path, project: Path | None = None) -> keras.Model:
             f"{file}: cannot load the model ({' '.join(str(exc).split())[:300]}){hint}"
         ) from None
     return model
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def privacy_provenance(
+    plan: FederationPlan,
+    final: aggregator_pb2.PrivacyStatus | None,
+    own_releases: int = 0,
+) -> dict[str, Any]:
+    """The ``privacy`` entry of provenance.json.
+
+    `final` is the PrivacyStatus of the aggregator's DONE task (None when it sent
+    none); `own_releases` the noised updates this trainer sent (client-side DP).
+    Without DP: ``{"mode": "none"}``. Epsilon is null where it cannot be stated.
+    """
+    p = plan.privacy
+    if p.mode == "none":
+        return {"mode": "none"}
+    out: dict[str, Any] = {
+        "mode": p.mode,
+        "delta": p.delta,
+        "max_epsilon": p.max_epsilon,
+        "noise_multiplier": (
+            p.central.noise_multiplier if p.central is not None else p.noise_multiplier
+        ),
+        "clip_norm": p.central.clip_norm if p.central is not None else p.clip_norm,
+    }
+    if final is not None and final.mode:
+        return out | {
+            "epsilon": final.epsilon,
+            "delta": final.delta,
+            "epsilon_rdp": _finite(final.epsilon_rdp),
+            "epsilon_pld": _finite(final.epsilon_pld),
+            "rounds_accounted": final.rounds_accounted,
+            "relation": final.relation,
+            "accounted_noise_multiplier": final.noise_multiplier,
+            "final_clip_norm": final.clip_norm,
+            "stop_reason": final.stop_reason,
+            "source": "the attested aggregator's ledger (dp-accounting), sent with DONE",
+        }
+    if p.mode == "client":
+        eps = local_epsilon(p.noise_multiplier, own_releases, p.delta)
+        return out | {
+            "epsilon": eps.epsilon,
+            "epsilon_rdp": _finite(eps.rdp),
+            "epsilon_pld": _finite(eps.pld),
+            "rounds_accounted": eps.releases,
+            "relation": "add_or_remove_one",
+            "source": "this trainer's own noised updates (dp-accounting)",
+        }
+    return out | {"epsilon": None, "source": "the aggregator reported no epsilon"}

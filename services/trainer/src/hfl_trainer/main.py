@@ -52,7 +52,7 @@ from hfl_common.tee.verify import Verdict
 from hfl_trainer import data as data_lib
 from hfl_trainer import project as project_lib
 from hfl_trainer.client import Backoff, FederationClient, TrainerState
-from hfl_trainer.export import export_model
+from hfl_trainer.export import export_model, privacy_provenance
 from hfl_trainer.metrics import TrainerMetrics
 from hfl_trainer.models import get_weights
 from hfl_trainer.progress import ProgressReporter
@@ -293,6 +293,7 @@ def build_trainer(config: TrainerConfig, registry: CollectorRegistry) -> Running
             model_version=version,
             aggregator_mrenclave=measured,
             evaluation=evaluation,
+            privacy=privacy_provenance(plan, client.final_privacy, client.dp_releases),
         )
 
     client = FederationClient(

@@ -5,6 +5,7 @@ from hfl_aggregator.engine.engine import Accepted, RoundEngine
 from hfl_aggregator.engine.records import (
     FailureReason,
     Phase,
+    PrivacyView,
     RoundRecord,
     RoundState,
     Snapshot,
@@ -20,6 +21,7 @@ __all__ = [
     "Accepted",
     "FailureReason",
     "Phase",
+    "PrivacyView",
     "RoundEngine",
     "RoundRecord",
     "RoundState",

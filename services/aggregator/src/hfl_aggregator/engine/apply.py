@@ -3,7 +3,8 @@
 The strategy owns everything about its output (FedSGD sets its non-trainable
 variables itself); this module only times the call and refuses an aggregate
 that is not finite or moves the model further than the plan allows, restoring
-the strategy's optimizer state so a refused attempt leaves no trace.
+the strategy's optimizer state so a refused attempt leaves no trace (except the
+privacy ledger's record of a noised aggregate that was computed, then refused).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from hfl_aggregator.accumulate import UpdateSource
 from hfl_aggregator.engine.admission import check_aggregate
 from hfl_aggregator.engine.records import FailureReason
 from hfl_aggregator.strategies import Strategy
+from hfl_aggregator.strategies.central_dp import PrivateStrategy
 
 Weights = dict[str, np.ndarray]
 
@@ -51,7 +53,13 @@ def apply_strategy(
     try:
         check_aggregate(weights, new, max_aggregate_norm)
     except Exception as exc:
+        # Under differential privacy the noised aggregate was computed and judged: the
+        # refusal is a function of it, so its privacy is spent even though the model
+        # is not installed. The ledger keeps the round; the rest is rolled back.
+        spent = strategy.ledger.state() if isinstance(strategy, PrivateStrategy) else None
         strategy.load_state(before)
+        if isinstance(strategy, PrivateStrategy) and spent is not None:
+            strategy.ledger.load_state(spent)
         raise AggregationFailedError(
             FailureReason.AGGREGATE_REFUSED, f"aggregate refused: {exc}"
         ) from exc

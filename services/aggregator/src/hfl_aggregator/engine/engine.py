@@ -54,6 +54,7 @@ from hfl_aggregator.engine.persist import CheckpointWriter
 from hfl_aggregator.engine.records import (
     FailureReason,
     Phase,
+    PrivacyView,
     RoundRecord,
     RoundState,
     Snapshot,
@@ -75,6 +76,7 @@ from hfl_aggregator.engine.schedule import (
 )
 from hfl_aggregator.metrics import AggregatorMetrics
 from hfl_aggregator.strategies import Strategy
+from hfl_aggregator.strategies.central_dp import PrivateStrategy
 from hfl_common.config import FederationPlan
 from hfl_common.errors import (
     AlreadyExistsError,
@@ -132,6 +134,10 @@ class RoundEngine:
         self._phase = Phase.WAITING
         self._round: SyncRound | None = None
         self._failure = ""
+        # Why the federation ended before its last round (the privacy budget).
+        self._stop_reason = ""
+        # Differential privacy hooks (synchronous mode): sampling, budget, epsilon.
+        self._private = strategy if isinstance(strategy, PrivateStrategy) else None
         self._closing = False
         self._spec = {name: (arr.shape, arr.dtype) for name, arr in initial_weights.items()}
         # Asynchronous mode (schedule.py): tasks, buffer, journal, evaluation.
@@ -158,6 +164,11 @@ class RoundEngine:
             self._recover_journal()
         if self._completed >= plan.rounds:
             self._phase = Phase.DONE
+        elif self._private is not None and (reason := self._private.stop_reason()):
+            # The budget was spent before a restart: it stays spent.
+            self._stop_for_budget(reason)
+        if self._private is not None:
+            metrics.dp_epsilon.set(self._private.ledger.epsilon().epsilon)
         metrics.total_rounds.set(plan.rounds)
         metrics.model_version.set(self._version)
         metrics.federation_done.set(1 if self._phase is Phase.DONE else 0)
@@ -182,6 +193,13 @@ class RoundEngine:
             self.plan.rounds,
             self._version,
         )
+
+    def _stop_for_budget(self, reason: str) -> None:
+        self._phase = Phase.DONE
+        self._stop_reason = reason
+        self._round = None
+        self.metrics.federation_done.set(1)
+        log.warning("federation stopped after round %d: %s", self._completed, reason)
 
     def _take_checkpoint(self) -> tuple[int, Checkpoint] | None:
         """A consistent checkpoint of the current state (under the lock); written later."""
@@ -355,7 +373,14 @@ class RoundEngine:
         if self._async and self._phase not in (Phase.DONE, Phase.FAILED):
             return self._async_task_for(trainer_id)
         if self._phase is Phase.DONE:
-            return Task("done", TaskKind.DONE, self._completed, self._version, message="done")
+            return Task(
+                "done",
+                TaskKind.DONE,
+                self._completed,
+                self._version,
+                message=self._stop_reason or "done",
+                privacy=self._privacy_view(),
+            )
         if self._phase is Phase.FAILED:
             return Task(
                 "failed",
@@ -421,9 +446,18 @@ class RoundEngine:
             return
         attempt = self._round.attempt + 1 if self._round is not None else 1
         number = self._completed + 1
-        selected = sample(
-            parties, self.plan.fraction, self.plan.min_updates, self.plan.seed, number, attempt
-        )
+        if self._private is not None:
+            # Differential privacy: stop before a round that would overspend the budget;
+            # sample from the OS CSPRNG (amplification needs a sample nobody can predict).
+            reason = self._private.stop_reason(len(parties))
+            if reason:
+                self._stop_for_budget(reason)
+                return
+            selected = self._private.select(parties)
+        else:
+            selected = sample(
+                parties, self.plan.fraction, self.plan.min_updates, self.plan.seed, number, attempt
+            )
         self._round = SyncRound(
             round=number,
             attempt=attempt,
@@ -704,9 +738,15 @@ class RoundEngine:
             )
         except AggregationFailedError as exc:
             log.error("round %d attempt %d: %s", r.round, r.attempt, exc)
+            spent: _Pending = None
             with self._cond:
                 self._fail_attempt(exc.reason, str(exc))
+                if self._private is not None:
+                    # A refused noised aggregate stays in the ledger (apply.py): seal it.
+                    self.metrics.dp_epsilon.set(self._private.ledger.epsilon().epsilon)
+                    spent = self._take_checkpoint()
                 self._cond.notify_all()
+            self._write(spent)
             return False
         finally:
             r.collector.close()
@@ -721,6 +761,7 @@ class RoundEngine:
             n = sum(k for k, _ in finite)
             train_loss = sum(k * v for k, v in finite) / n if n else math.nan
             duration = now - r.started
+            dp = self._private.round_record() if self._private is not None else {}
             self._history.append(
                 RoundRecord(
                     round=r.round,
@@ -731,8 +772,15 @@ class RoundEngine:
                     train_loss=train_loss,
                     duration_seconds=duration,
                     aggregation_seconds=applied.seconds,
+                    dp_epsilon=dp.get("dp_epsilon", math.nan),
+                    dp_delta=dp.get("dp_delta", math.nan),
+                    dp_clip_norm=dp.get("dp_clip_norm", math.nan),
+                    dp_noise_stddev=dp.get("dp_noise_stddev", math.nan),
+                    dp_next_clip_norm=dp.get("dp_next_clip_norm", math.nan),
                 )
             )
+            if self._private is not None:
+                self.metrics.dp_epsilon.set(self._private.ledger.epsilon().epsilon)
             self.metrics.rounds_completed.inc()
             self.metrics.model_version.set(self._version)
             self.metrics.round_duration.observe(duration)
@@ -882,7 +930,14 @@ class RoundEngine:
                 trainers=tuple(trainers),
                 rounds=tuple(rounds),
                 failure=self._failure,
+                stop_reason=self._stop_reason,
+                privacy=self._privacy_view(),
             )
+
+    def _privacy_view(self) -> PrivacyView | None:
+        if self._private is None:
+            return None
+        return PrivacyView.from_status(self._private.status(), self._stop_reason)
 
     def _trainer_view(self, t: TrainerRecord, r: SyncRound | None, now: float) -> TrainerView:
         if t.left:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -63,6 +64,8 @@ class Task:
     train: TrainParams | None = None
     # DONE tasks: True when the federation failed rather than finished.
     failed: bool = False
+    # DONE tasks under differential privacy: what the final model spent.
+    privacy: PrivacyView | None = None
 
 
 class TrainerState(enum.Enum):
@@ -119,6 +122,14 @@ class RoundRecord:
     failure_message: str = ""
     # Asynchronous mode: the staleness of each update applied in this version.
     staleness: tuple[int, ...] = field(default=())
+    # Differential privacy (PrivateStrategy.round_record): epsilon spent after this
+    # round at dp_delta, the clip norm and noise stddev it ran with, and the clip
+    # norm adaptive clipping chose for the next round. NaN without DP.
+    dp_epsilon: float = math.nan
+    dp_delta: float = math.nan
+    dp_clip_norm: float = math.nan
+    dp_noise_stddev: float = math.nan
+    dp_next_clip_norm: float = math.nan
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -140,6 +151,40 @@ class RoundRecord:
 
 
 @dataclass(frozen=True)
+class PrivacyView:
+    """The privacy part of Status (PrivateStrategy.status()): what has been spent so far."""
+
+    mode: str  # "central" or "client"
+    epsilon: float
+    delta: float
+    epsilon_rdp: float
+    epsilon_pld: float  # NaN where dp-accounting's PLD accountant does not apply
+    rounds: int  # rounds accounted
+    max_epsilon: float  # the plan's budget (0: none)
+    noise_multiplier: float  # the accounted (effective) noise multiplier
+    clip_norm: float  # the clip norm in force for the next round
+    relation: str  # neighbouring relation epsilon is stated under
+    # Why the federation stopped before its last round (the budget), "" if it did not.
+    stop_reason: str = ""
+
+    @classmethod
+    def from_status(cls, status: Mapping[str, Any], stop_reason: str = "") -> PrivacyView:
+        return cls(
+            mode=str(status["mode"]),
+            epsilon=float(status["epsilon"]),
+            delta=float(status["delta"]),
+            epsilon_rdp=float(status["epsilon_rdp"]),
+            epsilon_pld=float(status["epsilon_pld"]),
+            rounds=int(status["rounds"]),
+            max_epsilon=float(status["max_epsilon"]),
+            noise_multiplier=float(status["noise_multiplier"]),
+            clip_norm=float(status["clip_norm"]),
+            relation=str(status["relation"]),
+            stop_reason=stop_reason,
+        )
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Everything Status shows, read under the engine lock in one go."""
 
@@ -153,3 +198,7 @@ class Snapshot:
     rounds: tuple[RoundRecord, ...]
     failure: str
     model_versions_per_second: float = 0.0
+    # Why the federation ended before its last round (the privacy budget), "" if not.
+    stop_reason: str = ""
+    # Differential privacy spent so far; None without DP.
+    privacy: PrivacyView | None = None

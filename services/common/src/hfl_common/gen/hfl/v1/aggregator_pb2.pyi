@@ -192,7 +192,7 @@ class EvaluateParams(_message.Message):
     def __init__(self) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "kind", "round", "model_version", "keep_alive_interval", "message", "train", "evaluate")
+    __slots__ = ("task_id", "kind", "round", "model_version", "keep_alive_interval", "message", "train", "evaluate", "privacy")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,7 @@ class Task(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     kind: TaskKind
     round: int
@@ -209,7 +210,8 @@ class Task(_message.Message):
     message: str
     train: TrainParams
     evaluate: EvaluateParams
-    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., keep_alive_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., message: _Optional[str] = ..., train: _Optional[_Union[TrainParams, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateParams, _Mapping]] = ...) -> None: ...
+    privacy: PrivacyStatus
+    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., keep_alive_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., message: _Optional[str] = ..., train: _Optional[_Union[TrainParams, _Mapping]] = ..., evaluate: _Optional[_Union[EvaluateParams, _Mapping]] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ...) -> None: ...
 
 class GetTaskResponse(_message.Message):
     __slots__ = ("task",)
@@ -374,7 +376,7 @@ class TrainerStatus(_message.Message):
     def __init__(self, trainer_id: _Optional[str] = ..., label: _Optional[str] = ..., party: _Optional[str] = ..., mrenclave: _Optional[str] = ..., state: _Optional[_Union[TrainerState, str]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updates_accepted: _Optional[int] = ..., updates_refused: _Optional[int] = ..., num_examples: _Optional[int] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "attempt", "state", "updates", "model_version", "train_loss", "eval_loss", "eval_accuracy", "eval_examples", "duration", "failure", "failure_message", "staleness")
+    __slots__ = ("round", "attempt", "state", "updates", "model_version", "train_loss", "eval_loss", "eval_accuracy", "eval_examples", "duration", "failure", "failure_message", "staleness", "dp_epsilon")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -388,6 +390,7 @@ class RoundSummary(_message.Message):
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     FAILURE_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
+    DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
     round: int
     attempt: int
     state: RoundState
@@ -401,10 +404,37 @@ class RoundSummary(_message.Message):
     failure: RoundFailure
     failure_message: str
     staleness: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., updates: _Optional[int] = ..., model_version: _Optional[int] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ..., eval_examples: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., failure: _Optional[_Union[RoundFailure, str]] = ..., failure_message: _Optional[str] = ..., staleness: _Optional[_Iterable[int]] = ...) -> None: ...
+    dp_epsilon: float
+    def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., updates: _Optional[int] = ..., model_version: _Optional[int] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ..., eval_examples: _Optional[int] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., failure: _Optional[_Union[RoundFailure, str]] = ..., failure_message: _Optional[str] = ..., staleness: _Optional[_Iterable[int]] = ..., dp_epsilon: _Optional[float] = ...) -> None: ...
+
+class PrivacyStatus(_message.Message):
+    __slots__ = ("mode", "epsilon", "delta", "epsilon_rdp", "epsilon_pld", "rounds_accounted", "max_epsilon", "clip_norm", "stop_reason", "noise_multiplier", "relation")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_RDP_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_PLD_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_ACCOUNTED_FIELD_NUMBER: _ClassVar[int]
+    MAX_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    RELATION_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    epsilon: float
+    delta: float
+    epsilon_rdp: float
+    epsilon_pld: float
+    rounds_accounted: int
+    max_epsilon: float
+    clip_norm: float
+    stop_reason: str
+    noise_multiplier: float
+    relation: str
+    def __init__(self, mode: _Optional[str] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., epsilon_rdp: _Optional[float] = ..., epsilon_pld: _Optional[float] = ..., rounds_accounted: _Optional[int] = ..., max_epsilon: _Optional[float] = ..., clip_norm: _Optional[float] = ..., stop_reason: _Optional[str] = ..., noise_multiplier: _Optional[float] = ..., relation: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("federation_id", "plan_sha256", "state", "round", "total_rounds", "model_version", "strategy", "model", "trainers", "rounds", "mode", "buffer_size", "failure")
+    __slots__ = ("federation_id", "plan_sha256", "state", "round", "total_rounds", "model_version", "strategy", "model", "trainers", "rounds", "mode", "buffer_size", "failure", "privacy", "stop_reason")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_SHA256_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -418,6 +448,8 @@ class GetStatusResponse(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     BUFFER_SIZE_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     plan_sha256: str
     state: FederationState
@@ -431,7 +463,9 @@ class GetStatusResponse(_message.Message):
     mode: AggregationMode
     buffer_size: int
     failure: str
-    def __init__(self, federation_id: _Optional[str] = ..., plan_sha256: _Optional[str] = ..., state: _Optional[_Union[FederationState, str]] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., model_version: _Optional[int] = ..., strategy: _Optional[str] = ..., model: _Optional[str] = ..., trainers: _Optional[_Iterable[_Union[TrainerStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., mode: _Optional[_Union[AggregationMode, str]] = ..., buffer_size: _Optional[int] = ..., failure: _Optional[str] = ...) -> None: ...
+    privacy: PrivacyStatus
+    stop_reason: str
+    def __init__(self, federation_id: _Optional[str] = ..., plan_sha256: _Optional[str] = ..., state: _Optional[_Union[FederationState, str]] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., model_version: _Optional[int] = ..., strategy: _Optional[str] = ..., model: _Optional[str] = ..., trainers: _Optional[_Iterable[_Union[TrainerStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., mode: _Optional[_Union[AggregationMode, str]] = ..., buffer_size: _Optional[int] = ..., failure: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ..., stop_reason: _Optional[str] = ...) -> None: ...
 
 class TrainerServiceGetStatusRequest(_message.Message):
     __slots__ = ()
