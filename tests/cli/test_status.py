@@ -22,7 +22,7 @@ def test_status_prints_round_trainers_and_plan_hash(live: clikit.LocalFederation
     assert lines[2].startswith(f"federation {expected.federation_id}: ")
     assert f"round 0/{expected.total_rounds}" in lines[2]
     assert f"plan sha256 {expected.plan_sha256}" in lines
-    assert lines[2].endswith(", mode sync"), lines[2]
+    assert lines[4].endswith(", mode sync"), lines[4]
     trainer_lines = [line for line in lines if line.strip().startswith("trainer-1 ")]
     assert len(trainer_lines) == 1, result.stdout
     assert expected.trainers[0].trainer_id in trainer_lines[0]
