@@ -21,7 +21,8 @@ help:
 	@echo "make lint         ruff, ruff format --check, mypy --strict, buf lint, buf breaking"
 	@echo "make proto        regenerate the hfl.v1 Python code;  make proto-check: fail if stale"
 	@echo "make bench        benchmarks (ratios against a baseline in the same run)"
-	@echo "make up / down    docker compose: PROFILE=simulated (default) or sgx"
+	@echo "make up / down    docker compose: PROFILE=simulated (default) or sgx (docs/deployment.md)"
+	@echo "make base-images  hfl's own base images from Debian packages (offline hosts; root)"
 	@echo "make manifests sign policy sgx-images   Gramine SGX builds (docs/deployment.md)"
 
 $(UV):
