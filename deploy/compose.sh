@@ -235,17 +235,18 @@ cmd_up() {
   say "starting profile $PROFILE (project $PROJECT); waits until attestation and aggregator are healthy"
   # shellcheck disable=SC2046
   if ! compose $(profiles) up -d --no-build 2>&1 | tee "$TMPD/up.log"; then
-    echo >&2
-    compose $(profiles) ps >&2 || true
-    local cid
-    for cid in $(project_containers); do
-      echo "--- last log lines of $($DOCKER inspect --format '{{index .Config.Labels "com.docker.compose.service"}}' "$cid")" >&2
-      $DOCKER logs --tail 15 "$cid" 2>&1 | cut -c1-300 >&2 || true
-    done
-    local stale
-    stale=$(grep -ho "STALE VOLUME: .*" "$TMPD/up.log" 2>/dev/null | head -1 || true)
-    if [ -z "$stale" ] && [ -n "$(project_containers)" ]; then
-      stale=$($DOCKER logs "$(project_containers_of sim-bootstrap)" 2>&1 | grep -o "STALE VOLUME: .*" | head -1 || true)
+    local stale="" boot cid
+    boot=$(project_containers_of sim-bootstrap)
+    if [ -n "$boot" ]; then
+      stale=$($DOCKER logs "$boot" 2>&1 | grep -o "STALE VOLUME: .*" | head -1 || true)
+    fi
+    if [ -z "$stale" ]; then
+      echo >&2
+      compose $(profiles) ps >&2 || true
+      for cid in $(project_containers); do
+        echo "--- last log lines of $($DOCKER inspect --format '{{index .Config.Labels "com.docker.compose.service"}}' "$cid")" >&2
+        $DOCKER logs --tail 15 "$cid" 2>&1 | cut -c1-300 >&2 || true
+      done
     fi
     compose --profile simulated --profile sgx --profile grafana down --remove-orphans >/dev/null 2>&1 || true
     if [ -n "$stale" ]; then
@@ -273,23 +274,29 @@ cmd_operator() {
   # The operator's files, out of the volumes: key.pem (sim-operator volume),
   # the policy and the simulated platform's public root and collateral. Not
   # the platform's private keys: hfl operator-cert needs only its root.
+  # `docker cp` from the (exited) sim-bootstrap container, which mounts both
+  # volumes: no new container (on vfs that would copy a 2 GB image).
   need_daemon
-  local out=${HFL_OPERATOR_OUT:-build/operator}
-  $DOCKER volume inspect "${PROJECT}_sim-operator" >/dev/null 2>&1 \
-    || die "no volume ${PROJECT}_sim-operator: run make up first"
-  mkdir -p "$out"
-  chmod 700 "$out"
-  $DOCKER run --rm --network none -v "${PROJECT}_sim-platform:/sim:ro" \
-    -v "${PROJECT}_sim-operator:/operator:ro" --entrypoint tar "hfl-tools:$TAG" \
-    -C / -cf - operator/key.pem sim/policy.toml sim/platform/root_ca.pem sim/platform/collateral \
-    | tar -C "$out" --no-same-owner -xf -
+  local out=${HFL_OPERATOR_OUT:-build/operator} cid
+  cid=$(project_containers_of sim-bootstrap)
+  [ -n "$cid" ] || die "no sim-bootstrap container in project $PROJECT: run make up first"
+  mkdir -p "$out/operator" "$out/sim/platform"
+  chmod 700 "$out" "$out/operator"
+  $DOCKER cp "$cid:/operator/key.pem" "$out/operator/key.pem"
+  chmod 600 "$out/operator/key.pem"
+  $DOCKER cp "$cid:/sim/policy.toml" "$out/sim/policy.toml"
+  $DOCKER cp "$cid:/sim/platform/root_ca.pem" "$out/sim/platform/root_ca.pem"
+  rm -rf "$out/sim/platform/collateral"
+  $DOCKER cp "$cid:/sim/platform/collateral" "$out/sim/platform/collateral"
   say "wrote $out/operator/key.pem, $out/sim/policy.toml, $out/sim/platform/{root_ca.pem,collateral/}"
   cat <<EOF
-Next (the README's .venv):
+Next (with the README's .venv):
   .venv/bin/hfl operator-cert --operator-dir $out/operator --attestation 127.0.0.1:7400 \\
       --policy $out/sim/policy.toml --sim-platform $out/sim/platform
   .venv/bin/hfl status --aggregator 127.0.0.1:7401 --operator-dir $out/operator \\
       --policy $out/sim/policy.toml --sim-platform $out/sim/platform
+  grpcurl -cacert $out/operator/ca.pem -cert $out/operator/cert.pem -key $out/operator/key.pem \\
+      -authority aggregator.hfl.internal 127.0.0.1:7401 hfl.v1.AggregatorService/GetStatus
 EOF
 }
 

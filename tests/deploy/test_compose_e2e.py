@@ -38,7 +38,9 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 PROJECT = "hfle2e"
 TAG = "e2e"
-ROUNDS = 20
+# Enough rounds that the checks below happen while the trainers still train
+# (10 digits rounds take about 30 s in containers).
+ROUNDS = 30
 IMAGES = [f"hfl-{name}:{TAG}" for name in ("attestation", "aggregator", "trainer", "tools")]
 LOCAL_BASES = ["hfl-base/python:3.11-bookworm", "hfl-base/prometheus:bookworm"]
 PROMETHEUS = "http://127.0.0.1:9090"
@@ -71,7 +73,9 @@ def run(*cmd: str, timeout: float = 600, check: bool = True) -> subprocess.Compl
     return proc
 
 
-def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def docker(
+    *args: str, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return run("docker", *args, check=check, timeout=timeout)
 
 
@@ -119,7 +123,7 @@ def remove_everything() -> None:
 
 def prometheus(path: str, **params: str) -> Any:
     url = f"{PROMETHEUS}{path}?{urllib.parse.urlencode(params)}"
-    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (loopback)
+    with urllib.request.urlopen(url, timeout=10) as resp:  # loopback only
         body = json.loads(resp.read())
     assert body["status"] == "success", body
     return body["data"]
@@ -216,13 +220,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             up_output=up.stdout,
         )
     finally:
-        for service in ("aggregator", "trainer-1"):
-            logs = docker(
-                "logs", "--tail", "30", f"{PROJECT}_{service}_1", check=False
-            ).stdout  # docker-compose 1.29 names; compose v2's are tried below
-            if not logs:
-                logs = docker("logs", "--tail", "30", f"{PROJECT}-{service}-1", check=False).stdout
-            print(f"--- {service} (last lines)\n{logs}")
+        label = f"label=com.docker.compose.project={PROJECT}"
+        for cid in docker("ps", "-a", "-q", "--filter", label, check=False).stdout.split():
+            logs = docker("logs", "--tail", "15", cid, check=False)
+            print(f"--- {cid} (last lines)\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
         remove_everything()
         for image in built_bases:
             docker("rmi", image, check=False)
@@ -279,9 +280,7 @@ def test_operator_certificate_and_grpcurl_get_status_through_the_published_port(
     status = deployment.get_status()
     assert status["total_rounds"] == ROUNDS
     assert status["state"] in {"waiting_for_trainers", "training", "evaluating"}, status
-    plan_sha = re.search(r'sha256 = "([0-9a-f]{64})"', deployment.policy.read_text())
-    assert len(status["plan_sha256"]) == 64, status
-    del plan_sha  # the policy pins identities, not the plan; the hash's form is what we check
+    assert re.fullmatch(r"[0-9a-f]{64}", status["plan_sha256"]), status
 
 
 def _completed(status: dict[str, Any]) -> list[int]:
@@ -297,24 +296,22 @@ def test_aggregator_killed_mid_run_resumes_from_its_sealed_checkpoint(
         return status if len(_completed(status)) >= 2 else None
 
     before = wait_for("two completed rounds", two_rounds_done, timeout=600)
-    restarts = inspect("aggregator")["RestartCount"]
+    started_at = inspect("aggregator")["State"]["StartedAt"]
     docker("kill", container("aggregator"))
-    # `docker kill` is a crash to the restart policy (unless-stopped): Docker
-    # starts the container again by itself. Wait until it serves again.
-
-    def serving_again() -> dict[str, Any] | None:
-        state = inspect("aggregator")
-        if state["RestartCount"] <= restarts or not state["State"]["Running"]:
-            return None
-        return deployment.get_status()
-
-    after = wait_for("the aggregator restarted and answering", serving_again, timeout=300)
+    # To Docker's restart policy `docker kill` is a deliberate stop (a crash,
+    # e.g. the OOM killer, restarts by itself); `make up` brings it back.
+    assert not inspect("aggregator")["State"]["Running"]
+    run("make", "--no-print-directory", "up", timeout=1800)
+    restarted = inspect("aggregator")["State"]
+    assert restarted["Running"], restarted
+    assert restarted["StartedAt"] != started_at, restarted
+    after = deployment.get_status()
     deployment.status_before_kill = before
     deployment.status_after_restart = after
-    # Resumed, not restarted from scratch: every round completed before the
-    # kill is still there, with the same model versions.
+    # Resumed from the sealed checkpoint, not restarted from scratch: every
+    # round completed before the kill is still there, the model never older.
     assert set(_completed(before)) <= set(_completed(after)), (before, after)
-    assert after["model_version"] >= before["model_version"]
+    assert int(after["model_version"]) >= int(before["model_version"])
     assert after["federation_id"] == before["federation_id"]
 
 
@@ -329,10 +326,17 @@ def test_federation_finishes_with_every_round_and_95_percent_accuracy(
         return status if status["state"] == "done" else None
 
     final = wait_for("the federation to finish", done, timeout=1800, interval=10)
+    # No round lost: each of 1..ROUNDS completed once (a round cut by the kill
+    # may show a failed attempt before its completed one).
     assert _completed(final) == list(range(1, ROUNDS + 1)), final["rounds"]
-    accuracy = max(r.get("eval_accuracy", 0.0) for r in final["rounds"] if r["round"] == ROUNDS)
-    print(f"\nfederation done {time.monotonic():.0f}; final test accuracy {accuracy:.4f}")
-    assert accuracy >= 0.95, final["rounds"][-1]
+    assert int(final["model_version"]) == ROUNDS, final
+    last = [r for r in final["rounds"] if r["round"] == ROUNDS and r["state"] == "completed"]
+    accuracy = float(last[0].get("eval_accuracy", 0.0))
+    print(
+        f"\nfederation done {time.time() - deployment.started:.0f} s after make up; "
+        f"test accuracy {accuracy:.4f}"
+    )
+    assert accuracy >= 0.95, last
 
 
 def test_trainers_finish_cleanly_and_stay_finished(deployment: Deployment) -> None:
