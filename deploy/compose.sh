@@ -183,7 +183,10 @@ check_ports() {
   # A second `make up` of a running deployment finds its own ports in use: fine.
   [ -n "$(project_containers)" ] && return 0
   local ports=("${PUBLISHED_PORTS[@]}") port
-  [ "${GRAFANA_ON:-0}" = 1 ] && ports+=(3000)
+  case "${HFL_GRAFANA:-auto}" in
+    1) ports+=(3000) ;;
+    auto) have_image "$GRAFANA_IMAGE" && ports+=(3000) ;;
+  esac
   for port in "${ports[@]}"; do
     if port_in_use "$port"; then
       die "port $port is already in use on this host (another hfl project? 'ss -ltnp' shows who); stop it and retry"
@@ -217,8 +220,8 @@ EOF
 cmd_up() {
   case "$PROFILE" in simulated|sgx) ;; *) die "PROFILE must be simulated or sgx, not '$PROFILE'" ;; esac
   need_daemon
-  choose_bases
   check_ports
+  choose_bases
   local t0 t1
   t0=$(date +%s)
   if [ "$PROFILE" = simulated ]; then
