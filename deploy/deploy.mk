@@ -17,7 +17,6 @@
 PROFILE ?= simulated
 HFL_PROJECT ?= hfl
 HFL_IMAGE_TAG ?= dev
-SGX_SERVICES ?= attestation aggregator trainer
 HFL_ISVSVN ?= 1
 HFL_SGX_IMAGE_TAG ?= $(HFL_ISVSVN)
 PCCS_URL ?= https://localhost:8081/sgx/certification/v4/
@@ -40,15 +39,11 @@ operator:
 base-images:
 	@deploy/base/build-base-images.sh
 
+# Two stages, one command: deploy/sgx-images.sh builds and signs attestation
+# and aggregator with the agreed policy, pins their MRENCLAVEs into the
+# trainers' policy (deploy/config/policy.trainer.toml), then builds and signs
+# the trainer with it (docs/deployment.md, "Signing and the policy").
 sgx-images:
-	@test -r "$(SGX_SIGNING_KEY)" || { \
-		echo "make sgx-images: no enclave signing key at $(SGX_SIGNING_KEY) (SGX_SIGNING_KEY=...)"; exit 2; }
-	@set -e; for svc in $(SGX_SERVICES); do \
-		DOCKER_BUILDKIT=1 docker build -f deploy/docker/Dockerfile.sgx \
-			--build-arg SERVICE=$$svc \
-			--build-arg ISVSVN=$(HFL_ISVSVN) \
-			--build-arg PCCS_URL=$(PCCS_URL) \
-			--build-arg USE_SECURE_CERT=$(USE_SECURE_CERT) \
-			--secret id=sgx_signing_key,src=$(SGX_SIGNING_KEY) \
-			-t hfl-sgx-$$svc:$(HFL_SGX_IMAGE_TAG) . ; \
-	done
+	@SGX_SIGNING_KEY="$(SGX_SIGNING_KEY)" HFL_ISVSVN="$(HFL_ISVSVN)" HFL_SGX_IMAGE_TAG="$(HFL_SGX_IMAGE_TAG)" \
+		PCCS_URL="$(PCCS_URL)" USE_SECURE_CERT="$(USE_SECURE_CERT)" \
+		GRAMINE_BUILD="$(GRAMINE_BUILD)" GRAMINE_POLICY_PY="$(GRAMINE_POLICY_PY)" deploy/sgx-images.sh

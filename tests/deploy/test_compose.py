@@ -266,7 +266,8 @@ def test_locked_aggregator_dependencies_exclude_tensorflow_and_trainer_has_it() 
 def test_sgx_dockerfile_signs_with_a_secret_and_never_copies_a_key() -> None:
     path = DOCKER / "Dockerfile.sgx"
     text = path.read_text()
-    assert "ARG GRAMINE_IMAGE=gramineproject/gramine:1.8-jammy" in text
+    assert "ARG SGX_BASE_IMAGE=debian:bookworm-slim" in text
+    assert not re.search(r"^#\s*syntax=", text, flags=re.M), "no frontend pulled from Docker Hub"
     assert "--mount=type=secret,id=sgx_signing_key,required=true" in text
     assert "libsgx-dcap-default-qpl" in text
     assert "sgx_default_qcnl.conf" in text
@@ -373,8 +374,34 @@ def test_sgx_dockerfile_has_its_own_allow_list_dockerignore() -> None:
     ]
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    copied = set(re.findall(r"^COPY\s+(?!--from)(.+)\s+\S+$", path.read_text(), flags=re.M))
+    text = path.read_text()
+    # Both policies the two-stage build bakes in (deploy/sgx-images.sh).
+    copied = set(re.findall(r"^COPY\s+(?!--from)(.+)\s+\S+$", text, flags=re.M))
     for sources in copied:
         for raw in sources.split():
-            source = raw.rstrip("/")
-            assert any(source == a or source.startswith(a + "/") for a in allowed), source
+            for policy in ("policy.toml", "policy.trainer.toml"):
+                source = raw.rstrip("/").replace("${POLICY_FILE}", policy)
+                assert any(source == a or source.startswith(a + "/") for a in allowed), source
+
+
+def test_sgx_images_are_built_central_services_first_then_trainers_pinning_them() -> None:
+    script = (DEPLOY / "sgx-images.sh").read_text()
+    body = script[script.index('for svc in "${CENTRAL[@]}"; do\n  build') :]
+    central = body.index('build "$svc" policy.toml')
+    pin = body.index("-m hfl_common.sigstruct --pin-into deploy/config/policy.toml")
+    trainer = body.index("build trainer policy.trainer.toml")
+    assert central < pin < trainer
+    assert "CENTRAL=(attestation aggregator)" in script
+    assert make("-n", "sgx-images").stdout.rstrip().endswith("deploy/sgx-images.sh")
+
+
+def test_sgx_images_without_a_signing_key_says_where_it_looked(tmp_path: Path) -> None:
+    env = {**os.environ, "SGX_SIGNING_KEY": str(tmp_path / "missing.pem")}
+    proc = subprocess.run(
+        ["deploy/sgx-images.sh"], cwd=REPO, env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"make sgx-images: no enclave signing key at {tmp_path / 'missing.pem'} "
+        "(SGX_SIGNING_KEY=...)"
+    )
