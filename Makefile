@@ -22,7 +22,8 @@ help:
 	@echo "make proto        regenerate the hfl.v1 Python code;  make proto-check: fail if stale"
 	@echo "make bench        benchmarks (ratios against a baseline in the same run)"
 	@echo "make chaos        the fault and attack suite (tests/chaos; also part of make test)"
-	@echo "make up / down    docker compose: PROFILE=simulated (default) or sgx"
+	@echo "make up / down    docker compose: PROFILE=simulated (default) or sgx (docs/deployment.md)"
+	@echo "make base-images  hfl's own base images from Debian packages (offline hosts; root)"
 	@echo "make manifests sign policy sgx-images   Gramine SGX builds (docs/deployment.md)"
 
 $(UV):

@@ -24,7 +24,6 @@ HFL_SGX_STDLIB ?= /usr/lib/python3.11
 HFL_SGX_SITE ?= /opt/hfl/site
 # Raise with every security fix; the policy's min_isv_svn follows it.
 HFL_ISVSVN ?= 1
-HFL_PCCS_URL ?= https://localhost:8081/sgx/certification/v4/
 SGX_SIGNING_KEY ?= $(HOME)/.config/gramine/enclave-key.pem
 HFL_SGX_IMAGE_TAG ?= $(HFL_ISVSVN)
 # The Python that has hfl_common (the workspace's .venv when there is one).
@@ -53,7 +52,6 @@ manifests:
 			-Dsite_dir=$(HFL_SGX_SITE) \
 			$$defs \
 			-Disvsvn=$(HFL_ISVSVN) \
-			-Dpccs_url=$(HFL_PCCS_URL) \
 			$(GRAMINE_ROOT)/$$svc.manifest.template $(GRAMINE_BUILD)/hfl-$$svc.manifest; \
 	done
 

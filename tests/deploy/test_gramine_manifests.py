@@ -9,6 +9,7 @@ checked key by key.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -107,7 +108,6 @@ DEFINES = {
     "site_entries": "grpc/,grpcio-1.68.1.dist-info/,numpy/,numpy.libs/,six.py",
     "system_libs": "/lib/x86_64-linux-gnu/libz.so.1,/lib/x86_64-linux-gnu/libssl.so.3",
     "isvsvn": "3",
-    "pccs_url": "https://pccs.example:8081/sgx/certification/v4/",
 }
 
 
@@ -227,13 +227,15 @@ def test_argv_is_fixed_and_runs_the_service_module(role: str) -> None:
         "HFL_LABEL",
         "HFL_TRAINER_INDEX",
         "HFL_NUM_PARTITIONS",
+        "HFL_PCCS_URL",
     }
 
 
 def test_only_the_trainer_gets_per_party_settings_from_the_host() -> None:
     env = {role: render(role)["loader"]["env"] for role in ROLES}
-    assert not [k for k, v in env["attestation"].items() if isinstance(v, dict)]
-    assert [k for k, v in env["aggregator"].items() if isinstance(v, dict)] == ["HFL_ATTESTATION"]
+    passed = {role: {k for k, v in e.items() if isinstance(v, dict)} for role, e in env.items()}
+    assert passed["attestation"] == {"HFL_PCCS_URL"}
+    assert passed["aggregator"] == {"HFL_ATTESTATION", "HFL_PCCS_URL"}
     assert env["trainer"]["HFL_LABEL"] == {"passthrough": True}
     assert "/etc/hfl/plan.toml" in str(render("aggregator")["sgx"]["trusted_files"])
     assert "file:/data/" in render("trainer")["sgx"]["allowed_files"]
@@ -242,9 +244,9 @@ def test_only_the_trainer_gets_per_party_settings_from_the_host() -> None:
 @pytest.mark.parametrize(
     ("role", "size", "threads", "edmm"),
     [
-        ("attestation", "1G", 16, False),
-        ("aggregator", "4G", 32, False),
-        ("trainer", "8G", 64, True),
+        ("attestation", "1G", 64, False),
+        ("aggregator", "4G", 64, False),
+        ("trainer", "8G", 96, True),
     ],
 )
 def test_enclave_resources_per_service(role: str, size: str, threads: int, edmm: bool) -> None:
@@ -261,10 +263,105 @@ def test_enclave_resources_per_service(role: str, size: str, threads: int, edmm:
 
 
 @pytest.mark.parametrize("role", ROLES)
-def test_argv_carries_the_pccs_url_every_verifier_needs(role: str) -> None:
-    # Every service verifies its peers' quotes, so every one needs collateral.
-    argv = render(role)["loader"]["argv"]
-    assert argv[argv.index("--pccs-url") + 1] == DEFINES["pccs_url"]
+def test_pccs_url_comes_from_each_party_outside_the_measurement(role: str) -> None:
+    # Every service verifies its peers' quotes, so every one needs collateral;
+    # the URL is not in MRENCLAVE (each party its own PCCS): Intel's signatures
+    # on the collateral, under the root the measured policy pins, protect it.
+    manifest = render(role)
+    assert "--pccs-url" not in manifest["loader"]["argv"]
+    assert manifest["loader"]["env"]["HFL_PCCS_URL"] == {"passthrough": True}
+    assert "pccs_url" not in (GRAMINE / f"{role}.manifest.template").read_text()
+    assert "pccs_url" not in (GRAMINE / "gramine.mk").read_text()
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_enclave_trusts_the_measured_ca_bundle_for_the_pccs(role: str) -> None:
+    manifest = render(role)
+    bundle = "/etc/ssl/certs/ca-certificates.crt"
+    assert f"file:{bundle}" in manifest["sgx"]["trusted_files"]
+    assert manifest["loader"]["env"]["SSL_CERT_FILE"] == bundle
+    # A private PCCS CA is added to that bundle before signing (Dockerfile.sgx).
+    dockerfile = (REPO / "deploy/docker/Dockerfile.sgx").read_text()
+    assert "/opt/hfl/sgx/pccs-ca.crt /usr/local/share/ca-certificates/" in dockerfile
+    assert dockerfile.index("update-ca-certificates") < dockerfile.index(
+        "make -f gramine/gramine.mk sign"
+    )
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_thread_pools_are_capped_inside_the_enclave(role: str) -> None:
+    manifest = render(role)
+    env = manifest["loader"]["env"]
+    assert env["TOKIO_WORKER_THREADS"] == "2"
+    openblas = int(env["OPENBLAS_NUM_THREADS"])
+    capped = 2 + openblas + 16  # tokio, OpenBLAS, gRPC server workers (ServerConfig)
+    if role == "trainer":
+        capped += int(env["TF_NUM_INTRAOP_THREADS"]) + int(env["TF_NUM_INTEROP_THREADS"])
+    # What is left covers gRPC core's event-engine pool on a 12-CPU container
+    # (~2 per CPU) plus Gramine's and the service's own helper threads.
+    assert manifest["sgx"]["max_threads"] - capped >= 24 + 8, role
+    text = (GRAMINE / f"{role}.manifest.template").read_text()
+    comment = text[: text.index("\nsgx.max_threads =")].rsplit("\n\n", 1)[-1]
+    for reason in ("gRPC", "tokio" if role != "trainer" else "TensorFlow", "Gramine"):
+        assert reason in comment, (role, reason)
+
+
+def test_only_the_aesm_needs_the_provisioning_device() -> None:
+    compose = (REPO / "deploy/compose.yaml").read_text()
+    assert "- /dev/sgx_provision" not in compose
+    assert "/dev/sgx_enclave:/dev/sgx_enclave" in compose
+
+
+def test_sgx_image_uses_the_python_the_tests_use() -> None:
+    # One Python 3.11 (Debian 12's) in the enclaves, the offline base and CI.
+    dockerfile = (REPO / "deploy/docker/Dockerfile.sgx").read_text()
+    assert "ARG SGX_BASE_IMAGE=debian:bookworm-slim" in dockerfile
+    assert "packages.gramineproject.io/ bookworm main" in dockerfile
+    assert "gramine:1.8-jammy" not in dockerfile
+    assert "python3 python3-venv" in dockerfile
+    assert "--require-hashes -r build-tools.txt" in dockerfile
+    assert "--no-build-isolation" in dockerfile
+    assert sys.version_info[:2] == (3, 11)
+    mk = (GRAMINE / "gramine.mk").read_text()
+    assert "HFL_SGX_PYTHON ?= /usr/bin/python3.11" in mk
+
+
+def _gramine_tools() -> Path | None:
+    for candidate in (
+        os.environ.get("HFL_GRAMINE_TOOLS"),
+        str(REPO.parent / "shared" / "tools"),
+        "/work/shared/tools",
+    ):
+        if candidate and (Path(candidate) / "graminelibos" / "manifest.py").is_file():
+            return Path(candidate)
+    return None
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_gramine_1_8_renders_and_accepts_the_manifest(role: str) -> None:
+    """Gramine's own renderer and schema check (graminelibos at v1.8), where available."""
+    tools = _gramine_tools()
+    if tools is None:
+        pytest.skip("Gramine 1.8's graminelibos not found (HFL_GRAMINE_TOOLS=<dir>/tools)")
+    code = f"""
+import json, os, sys
+os.environ.setdefault("GRAMINE_PKGLIBDIR", {str(tools / "gramine-pkglib")!r})
+sys.path.insert(0, {str(tools)!r})
+from graminelibos import Manifest
+text = open({str(GRAMINE / f"{role}.manifest.template")!r}).read()
+m = Manifest.from_template(text, json.loads(sys.argv[1]))
+m.check()
+print(json.dumps(m["sgx"]["max_threads"]))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(DEFINES)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.strip()) == render(role)["sgx"]["max_threads"]
 
 
 # --- gramine/trusted_inputs.py -------------------------------------------

@@ -159,6 +159,47 @@ def test_trainer_down_fires_after_two_minutes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_trainer_down_is_quiet_once_the_federation_is_done(tmp_path: Path) -> None:
+    # Trainers exit 0 when the federation is done and stay exited (compose
+    # restart: on-failure); that is not an outage. Before `done`, it is.
+    up = 'up{job="hfl-trainer",instance="trainer-1:9410",component="trainer",party="trainer-1"}'
+    done = f"hfl_aggregator_federation_done{{{AGG}}}"
+    test = {
+        "interval": "1m",
+        "input_series": [
+            {"series": up, "values": "1 0 0 0 0 0 0 0 0 0"},
+            {"series": done, "values": "0 0 0 0 0 1 1 1 1 1"},
+        ],
+        "alert_rule_test": [
+            _alert(
+                "4m",
+                "HflTrainerDown",
+                [
+                    {
+                        "exp_labels": {
+                            "job": "hfl-trainer",
+                            "instance": "trainer-1:9410",
+                            "component": "trainer",
+                            "party": "trainer-1",
+                            "severity": "critical",
+                        },
+                        "exp_annotations": {
+                            "summary": "Trainer trainer-1 (trainer-1:9410) is down",
+                            "description": (
+                                "Prometheus cannot scrape trainer-1:9410 for 2 minutes: the "
+                                "trainer process or its host is gone."
+                            ),
+                        },
+                    }
+                ],
+            ),
+            _alert("9m", "HflTrainerDown", []),
+        ],
+    }
+    proc = _run_rule_tests(tmp_path, [test])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_attestation_refusals_and_checkpoint_errors_fire(tmp_path: Path) -> None:
     att = 'job="hfl-attestation",instance="attestation:9400"'
     refused = (

@@ -26,6 +26,7 @@ from hfl_common.sigstruct import (
     main,
     parse_sigstruct,
     parse_sigstruct_json,
+    pin_mrenclaves,
     policy_roles_toml,
 )
 
@@ -242,3 +243,76 @@ def test_cli_role_without_path_is_refused(capsys: pytest.CaptureFixture[str]) ->
     assert capsys.readouterr().err == (
         "error: --role 'trainer': expected ROLE=PATH, e.g. trainer=hfl-trainer.sig\n"
     )
+
+
+# --- the trainers' policy: central services pinned by MRENCLAVE ---------------
+
+
+def _agreed_policy(key: rsa.RSAPrivateKey) -> str:
+    sigs = {
+        role: parse_sigstruct(
+            build_sigstruct(key, mrenclave=bytes([n]) * 32, isv_prod_id=n, isv_svn=1)
+        )
+        for n, role in ((1, "attestation"), (2, "aggregator"), (3, "trainer"))
+    }
+    roles = policy_roles_toml(sigs, include_mrenclave=False)
+    return '[trust]\nroot = "intel"\n\n' + roles
+
+
+def test_pinning_adds_the_signed_mrenclaves_and_keeps_the_rest(
+    signing_key: rsa.RSAPrivateKey, tmp_path: Path
+) -> None:
+    base = tmp_path / "policy.toml"
+    base.write_text(_agreed_policy(signing_key))
+    att = tmp_path / "att.sig"
+    att.write_bytes(build_sigstruct(signing_key, mrenclave=b"\xaa" * 32, isv_prod_id=1, isv_svn=1))
+    agg = tmp_path / "agg.sig"
+    agg.write_bytes(build_sigstruct(signing_key, mrenclave=b"\xbb" * 32, isv_prod_id=2, isv_svn=1))
+    out = tmp_path / "policy.trainer.toml"
+
+    rc = main(
+        ["--pin-into", str(base), "--role", f"attestation={att}", "--role", f"aggregator={agg}",
+         "--out", str(out)]
+    )  # fmt: skip
+
+    assert rc == 0
+    policy = tomllib.loads(out.read_text())
+    assert policy["trust"] == {"root": "intel"}
+    assert policy["roles"]["attestation"]["mrenclave"] == ["aa" * 32]
+    assert policy["roles"]["aggregator"]["mrenclave"] == ["bb" * 32]
+    # The trainer role stays pinned by signer: trainers are not built yet.
+    assert "mrenclave" not in policy["roles"]["trainer"]
+    assert policy["roles"]["trainer"]["mrsigner"] == [expected_mrsigner(signing_key).hex()]
+
+
+def test_pinning_refuses_an_enclave_signed_with_another_key(
+    signing_key: rsa.RSAPrivateKey,
+) -> None:
+    other = rsa.generate_private_key(public_exponent=3, key_size=3072)
+    sig = parse_sigstruct(build_sigstruct(other, mrenclave=b"\xaa" * 32, isv_prod_id=2, isv_svn=1))
+    with pytest.raises(ConfigError, match=r"MRSIGNER .* is not in \[roles.aggregator\]"):
+        pin_mrenclaves(_agreed_policy(signing_key), {"aggregator": sig}, "policy.toml")
+
+
+def test_pinning_refuses_another_roles_enclave_and_a_missing_table(
+    signing_key: rsa.RSAPrivateKey,
+) -> None:
+    trainer_sig = parse_sigstruct(
+        build_sigstruct(signing_key, mrenclave=b"\xcc" * 32, isv_prod_id=3, isv_svn=1)
+    )
+    with pytest.raises(ConfigError, match="ISVPRODID 3 is not the isv_prod_id"):
+        pin_mrenclaves(_agreed_policy(signing_key), {"aggregator": trainer_sig}, "p.toml")
+    with pytest.raises(ConfigError, match=r"has no \[roles.aggregator\] table"):
+        pin_mrenclaves('[trust]\nroot = "intel"\n', {"aggregator": trainer_sig}, "p.toml")
+
+
+def test_pinning_replaces_an_earlier_pin(signing_key: rsa.RSAPrivateKey) -> None:
+    first = parse_sigstruct(
+        build_sigstruct(signing_key, mrenclave=b"\x01" * 32, isv_prod_id=2, isv_svn=1)
+    )
+    second = parse_sigstruct(
+        build_sigstruct(signing_key, mrenclave=b"\x02" * 32, isv_prod_id=2, isv_svn=1)
+    )
+    once = pin_mrenclaves(_agreed_policy(signing_key), {"aggregator": first}, "p.toml")
+    twice = pin_mrenclaves(once, {"aggregator": second}, "p.toml")
+    assert tomllib.loads(twice)["roles"]["aggregator"]["mrenclave"] == ["02" * 32]

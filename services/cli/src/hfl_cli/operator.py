@@ -35,7 +35,7 @@ from hfl_common.attest_client import (
 from hfl_common.config import load_policy
 from hfl_common.errors import ConfigError, UnavailableError
 from hfl_common.ratls import EnclaveKey
-from hfl_common.tee import DirectoryCollateral, QuoteVerifier, SimulatedPlatform, Verdict
+from hfl_common.tee import DirectoryCollateral, QuoteVerifier, Verdict
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,27 @@ class OperatorCredentials:
     verifier: QuoteVerifier
 
 
+def simulation_root_der(platform_dir: Path) -> bytes:
+    """The simulated platform's root certificate (DER): all an operator needs of it.
+
+    Only root_ca.pem is read, not the platform's private keys, so an operator's
+    copy of a simulated platform (`make operator`) holds nothing secret.
+    """
+    path = platform_dir / "root_ca.pem"
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{path}: cannot read the simulated platform's root certificate ({exc})"
+        ) from None
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
 def make_verifier(
     policy_path: Path, platform_dir: Path | None, collateral: Path | None
 ) -> QuoteVerifier:
     policy = load_policy(policy_path)
-    sim_root = SimulatedPlatform.load(platform_dir).root_der if platform_dir else None
+    sim_root = simulation_root_der(platform_dir) if platform_dir else None
     directory = collateral or (platform_dir / "collateral" if platform_dir else None)
     if directory is None:
         raise ConfigError("give --collateral-dir (or a simulated --sim-platform)")

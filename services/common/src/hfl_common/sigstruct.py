@@ -10,6 +10,12 @@ and writes the `[roles.<role>]` tables of the attestation policy:
     python -m hfl_common.sigstruct --role aggregator=build/gramine/hfl-aggregator.sig \\
         --role trainer=build/gramine/hfl-trainer.sig --out policy-roles.toml
 
+and, for the trainers' policy, pins the central services by MRENCLAVE:
+
+    python -m hfl_common.sigstruct --pin-into deploy/config/policy.toml \\
+        --role attestation=build/gramine/hfl-attestation.sig \\
+        --role aggregator=build/gramine/hfl-aggregator.sig --out deploy/config/policy.trainer.toml
+
 The layout is the table "Layout of Enclave Signature Structure (SIGSTRUCT)" in
 Intel SDM Vol. 3D, section "Enclave Signature Structure (SIGSTRUCT)" (its table
 number moves between editions); offsets below are byte offsets from the start
@@ -24,6 +30,7 @@ import json
 import logging
 import struct
 import sys
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,6 +282,51 @@ def policy_roles_toml(
     return "\n".join(lines) + "\n"
 
 
+def pin_mrenclaves(policy_text: str, sigstructs: Mapping[str, SigStruct], source: str) -> str:
+    """`policy_text` with each given role's table pinned to its SIGSTRUCT's MRENCLAVE.
+
+    The second stage of the SGX build (docs/deployment.md): the attestation
+    service and the aggregator are built and signed first with the agreed
+    policy, which pins roles by MRSIGNER; their MRENCLAVEs then go into the
+    policy baked into the trainers, so a trainer accepts exactly that code,
+    not anything the signing key signs. Each role's table must already exist
+    and list the SIGSTRUCT's MRSIGNER and ISVPRODID (so this can only narrow
+    what the reviewed policy accepts); any earlier mrenclave line is replaced.
+    """
+    try:
+        doc = tomllib.loads(policy_text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    roles = doc.get("roles", {})
+    lines = policy_text.splitlines()
+    for role, sig in sigstructs.items():
+        table = roles.get(role)
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: has no [roles.{role}] table to pin")
+        if sig.mrsigner.hex() not in [str(v).lower() for v in table.get("mrsigner", [])]:
+            raise ConfigError(
+                f"{sig.source or role}: MRSIGNER {sig.mrsigner.hex()[:16]}... is not in "
+                f"[roles.{role}] of {source}; was it signed with the agreed key?"
+            )
+        if table.get("isv_prod_id") != sig.isv_prod_id:
+            raise ConfigError(
+                f"{sig.source or role}: ISVPRODID {sig.isv_prod_id} is not the "
+                f"isv_prod_id of [roles.{role}] in {source}"
+            )
+        if sig.debug:
+            raise ConfigError(f"{sig.source or role}: a debug enclave cannot be pinned")
+        header = lines.index(f"[roles.{role}]") if f"[roles.{role}]" in lines else -1
+        if header < 0:
+            raise ConfigError(f"{source}: write [roles.{role}] as a table header of its own")
+        end = header + 1
+        while end < len(lines) and not lines[end].lstrip().startswith("["):
+            end += 1
+        body = [ln for ln in lines[header + 1 : end] if not ln.lstrip().startswith("mrenclave")]
+        pinned = f'mrenclave = ["{sig.mrenclave.hex()}"]  # pinned by hfl_common.sigstruct'
+        lines[header + 1 : end] = [pinned, *body]
+    return "\n".join(lines) + "\n"
+
+
 def _parse_role_args(values: Sequence[str]) -> dict[str, Path]:
     roles: dict[str, Path] = {}
     for value in values:
@@ -309,13 +361,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--allow-debug", action="store_true", help="accept debug enclaves (development only)"
     )
+    parser.add_argument(
+        "--pin-into",
+        type=Path,
+        metavar="POLICY",
+        help="write POLICY with the given roles pinned to these MRENCLAVEs (the trainers' policy)",
+    )
     args = parser.parse_args(argv)
     try:
         paths = _parse_role_args(args.role)
         sigs = {role: load_sigstruct(path) for role, path in paths.items()}
-        text = policy_roles_toml(
-            sigs, include_mrenclave=not args.mrsigner_only, allow_debug=args.allow_debug
-        )
+        if args.pin_into is not None:
+            try:
+                base = args.pin_into.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"{args.pin_into}: cannot read: {exc.strerror}") from None
+            text = pin_mrenclaves(base, sigs, str(args.pin_into))
+        else:
+            text = policy_roles_toml(
+                sigs, include_mrenclave=not args.mrsigner_only, allow_debug=args.allow_debug
+            )
         if args.out is None:
             sys.stdout.write(text)
         else:

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# `make sgx-images`: build and sign the three SGX images in the order that
+# lets trainers pin the central services by MRENCLAVE (docs/deployment.md):
+#
+#   1. hfl-sgx-attestation and hfl-sgx-aggregator, with the agreed policy
+#      deploy/config/policy.toml (every role pinned by MRSIGNER, ISVPRODID and
+#      min ISVSVN: an image cannot name its own MRENCLAVE, nor a peer's that
+#      depends on it);
+#   2. their SIGSTRUCTs copied out (build/gramine/hfl-<svc>.sig) and pinned
+#      into deploy/config/policy.trainer.toml (python -m hfl_common.sigstruct
+#      --pin-into): the agreed policy plus those two MRENCLAVEs;
+#   3. hfl-sgx-trainer with that policy: a trainer accepts exactly this
+#      attestation service and aggregator code, not anything the key signs.
+#
+# Settings (deploy/deploy.mk passes them): SGX_SIGNING_KEY, HFL_ISVSVN,
+# HFL_SGX_IMAGE_TAG, PCCS_URL, USE_SECURE_CERT, GRAMINE_BUILD, GRAMINE_POLICY_PY.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DOCKER=${DOCKER:-docker}
+KEY=${SGX_SIGNING_KEY:?}
+TAG=${HFL_SGX_IMAGE_TAG:-1}
+OUT=${GRAMINE_BUILD:-build/gramine}
+PY=${GRAMINE_POLICY_PY:-python3}
+CENTRAL=(attestation aggregator)
+
+die() { echo "make sgx-images: $*" >&2; exit 2; }
+
+[ -r "$KEY" ] || die "no enclave signing key at $KEY (SGX_SIGNING_KEY=...)"
+for f in policy.toml plan.toml initial_weights.npz; do
+  [ -s "deploy/config/$f" ] || die "deploy/config/$f is missing; see deploy/config/README.md"
+done
+$DOCKER version >/dev/null 2>&1 || die "no Docker daemon answers; start it and retry"
+# The signing key is a BuildKit secret: the classic builder cannot do it.
+if ! $DOCKER buildx version >/dev/null 2>&1; then
+  v=$($DOCKER version --format '{{.Client.Version}}')
+  [ "${v%%.*}" -lt 23 ] 2>/dev/null \
+    || die "needs BuildKit (the signing key is a build secret): install the docker buildx plugin, or use Debian's docker.io client"
+fi
+net=()
+$DOCKER network inspect bridge >/dev/null 2>&1 || net=(--network host)
+
+build() {  # $1 service, $2 policy file in deploy/config
+  echo "make sgx-images: building and signing hfl-sgx-$1:$TAG with deploy/config/$2"
+  DOCKER_BUILDKIT=1 $DOCKER build "${net[@]}" -f deploy/docker/Dockerfile.sgx \
+    --build-arg "SERVICE=$1" --build-arg "POLICY_FILE=$2" \
+    --build-arg "ISVSVN=${HFL_ISVSVN:-1}" \
+    --build-arg "PCCS_URL=${PCCS_URL:-https://localhost:8081/sgx/certification/v4/}" \
+    --build-arg "USE_SECURE_CERT=${USE_SECURE_CERT:-true}" \
+    --secret "id=sgx_signing_key,src=$KEY" \
+    -t "hfl-sgx-$1:$TAG" .
+}
+
+copy_sig() {  # $1 service
+  local cid
+  mkdir -p "$OUT"
+  cid=$($DOCKER create "hfl-sgx-$1:$TAG")
+  $DOCKER cp "$cid:/opt/hfl/build/hfl-$1.sig" "$OUT/hfl-$1.sig"
+  $DOCKER cp "$cid:/opt/hfl/build/hfl-$1.sigstruct.json" "$OUT/hfl-$1.sigstruct.json"
+  $DOCKER rm "$cid" >/dev/null
+}
+
+for svc in "${CENTRAL[@]}"; do
+  build "$svc" policy.toml
+  copy_sig "$svc"
+done
+roles=()
+for svc in "${CENTRAL[@]}"; do roles+=(--role "$svc=$OUT/hfl-$svc.sig"); done
+"$PY" -m hfl_common.sigstruct --pin-into deploy/config/policy.toml "${roles[@]}" \
+  --out deploy/config/policy.trainer.toml
+echo "make sgx-images: pinned ${CENTRAL[*]} by MRENCLAVE in deploy/config/policy.trainer.toml"
+build trainer policy.trainer.toml
+copy_sig trainer
+echo "make sgx-images: done; SIGSTRUCTs in $OUT/ (make policy writes the [roles] tables for review)"
