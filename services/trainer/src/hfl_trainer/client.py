@@ -463,12 +463,35 @@ class FederationClient:
             loss=result.loss,
             accuracy=result.accuracy,
         )
-        self._call(
-            "report the evaluation",
-            lambda s: s.ReportEvaluation(
-                aggregator_pb2.ReportEvaluationRequest(report=report), timeout=30
-            ),
-        )
+        if not (math.isfinite(result.loss) and 0.0 <= result.accuracy <= 1.0):
+            # A poisoned or diverged model: say so, and let the aggregator refuse the
+            # report with its reason; the federation goes on without this evaluation.
+            log.error(
+                "round %d: evaluation of model version %d is not finite (loss %s, "
+                "accuracy %s): reporting it",
+                task.round,
+                version,
+                result.loss,
+                result.accuracy,
+            )
+        try:
+            self._call(
+                "report the evaluation",
+                lambda s: s.ReportEvaluation(
+                    aggregator_pb2.ReportEvaluationRequest(report=report), timeout=30
+                ),
+            )
+        except grpc.RpcError as err:
+            code = err.code() if isinstance(err, grpc.Call) else None
+            if code is not grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            log.error(
+                "round %d: the aggregator refused the evaluation of model version %d: %s",
+                task.round,
+                version,
+                _details(err),
+            )
+            return
         log.info(
             "round %d: evaluated model version %d: loss %.4f, accuracy %.4f on %d examples",
             task.round,

@@ -787,6 +787,9 @@ class RoundEngine:
         accuracy: float,
     ) -> None:
         if num_examples <= 0 or not (math.isfinite(loss) and 0.0 <= accuracy <= 1.0):
+            # Refused, but counted as answered: the evaluation does not wait for it.
+            if not self._async:
+                self._give_up_evaluation(session_id, caller, round_number, model_version)
             raise InvalidArgumentError(
                 "evaluation report needs num_examples > 0, a finite loss and an "
                 f"accuracy in [0, 1]; got {num_examples}, {loss}, {accuracy}",
@@ -820,6 +823,30 @@ class RoundEngine:
                     "duplicate",
                 )
             r.evals[record.trainer_id] = (num_examples, loss, accuracy)
+            if all(t in r.evals or t in r.lost for t in r.eval_selected):
+                pending = self._finish_evaluation()
+            self._cond.notify_all()
+        self._write(pending)
+
+    def _give_up_evaluation(
+        self, session_id: str, caller: str, round_number: int, model_version: int
+    ) -> None:
+        """A sampled evaluator reported a refused evaluation (a non-finite loss): stop
+        waiting for it, as for a lost one, so the round ends without its deadline."""
+        pending: _Pending = None
+        with self._cond:
+            record = self._registry.touch(session_id, caller, self._clock())
+            r = self._round
+            if (
+                self._phase is not Phase.EVALUATING
+                or r is None
+                or round_number != r.round
+                or model_version != r.eval_version
+                or record.trainer_id not in r.eval_selected
+                or record.trainer_id in r.evals
+            ):
+                return
+            r.lost.add(record.trainer_id)
             if all(t in r.evals or t in r.lost for t in r.eval_selected):
                 pending = self._finish_evaluation()
             self._cond.notify_all()
