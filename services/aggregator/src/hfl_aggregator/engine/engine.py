@@ -127,6 +127,11 @@ class RoundEngine:
         self._ckpt_seq = 0
         self._weights: Weights = dict(initial_weights)
         self._version = 0
+        # The newest model version whose checkpoint write is over (sealed, or failed and
+        # logged): a synchronous round trains on a version only once it is, so a crash
+        # never resumes a version older than one a trainer was served
+        # (hfl_trainer.freshness refuses that as a rollback).
+        self._settled_version = 0
         self._completed = 0
         self._history: list[RoundRecord] = []
         self._phase = Phase.WAITING
@@ -171,6 +176,7 @@ class RoundEngine:
             )
         self._weights = dict(ckpt.weights)
         self._version = ckpt.model_version
+        self._settled_version = ckpt.model_version
         self._completed = ckpt.completed_rounds
         self._history = [RoundRecord.from_json(h) for h in ckpt.history]
         self.strategy.load_state(ckpt.strategy_state)
@@ -205,9 +211,15 @@ class RoundEngine:
         if pending is None:
             return
         seq, ckpt = pending
-        if self._writer.write(seq, ckpt) and self._journal is not None:
-            # Journal files below the sealed watermark are in the model now.
-            self._journal.discard_below(int(ckpt.schedule_state.get("journal_watermark", 0)))
+        try:
+            if self._writer.write(seq, ckpt) and self._journal is not None:
+                # Journal files below the sealed watermark are in the model now.
+                self._journal.discard_below(int(ckpt.schedule_state.get("journal_watermark", 0)))
+        finally:
+            with self._cond:
+                if ckpt.model_version > self._settled_version:
+                    self._settled_version = ckpt.model_version
+                    self._cond.notify_all()
 
     @property
     def phase(self) -> Phase:
@@ -316,6 +328,14 @@ class RoundEngine:
             while True:
                 record = self._registry.touch(session_id, caller, self._clock())
                 task = self._task_for(record.trainer_id)
+                if (
+                    task.kind is TaskKind.TRAIN
+                    and not self._async
+                    and self._writer.enabled
+                    and task.model_version > self._settled_version
+                ):
+                    # Its checkpoint is being sealed (after the lock was released).
+                    task = Task("", TaskKind.WAIT, task.round, self._version, message="sealing")
                 remaining = end - self._clock()
                 if (
                     task.kind is not TaskKind.WAIT
