@@ -12,6 +12,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from hfl_common.api import aggregator_pb2
 from hfl_common.attest_client import (
     ServiceCredentials,
     bootstrap_attestation_service,
@@ -83,9 +84,9 @@ def test_a_second_trainer_of_one_party_is_refused_while_the_first_is_active(
         assert info is not None
         assert info.reason == "PARTY_LIMIT"
         # The Sybil identity does not count toward min_trainers: no round yet.
-        assert first.get_task(0).kind == fedkit.aggregator_pb2.TASK_KIND_WAIT
+        assert first.get_task(0).kind == aggregator_pb2.TASK_KIND_WAIT
         honest.connect(aggregator.target, plan).join()
-        assert first.wait_for_task(fedkit.aggregator_pb2.TASK_KIND_TRAIN).round == 1
+        assert first.wait_for_task(aggregator_pb2.TASK_KIND_TRAIN).round == 1
         # Once the first has left, the party may bring another trainer.
         first.leave()
         sybil.join()
