@@ -130,6 +130,7 @@ class PlanSpec:
     strategy: str = "fedavg"
     strategy_params: tuple[tuple[str, float], ...] = ()
     max_norm: float = 0.0
+    max_aggregate_norm: float = 0.0
     name: str = "fedkit"
     liveness_seconds: float = 60.0
     # federation.mode and, for "async", the [async] table
@@ -175,6 +176,7 @@ class PlanSpec:
             f"{strategy}\n\n"
             "[update]\n"
             f"max_norm = {float(self.max_norm)!r}\n"
+            f"max_aggregate_norm = {float(self.max_aggregate_norm)!r}\n"
         )
 
 

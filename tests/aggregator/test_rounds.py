@@ -272,6 +272,25 @@ def test_last_round_is_evaluated_then_the_federation_ends() -> None:
     assert registry.get_sample_value("hfl_aggregator_federation_done") == 1.0
 
 
+def test_a_non_finite_evaluation_is_refused_and_the_evaluation_does_not_wait_for_it() -> None:
+    engine, clock, _ = make_engine()
+    a, b = join(engine, "a"), join(engine, "b")
+    for r in (1, 2):
+        send(engine, a, 1.0, round_=r, version=r - 1)
+        send(engine, b, 1.0, round_=r, version=r - 1)
+    assert engine.phase is Phase.EVALUATING
+    with pytest.raises(InvalidArgumentError, match="a finite loss"):
+        engine.report_evaluation(a, "a", 2, 2, 100, math.nan, 0.9)
+    assert not engine.done
+    engine.report_evaluation(b, "b", 2, 2, 300, 0.1, 0.5)
+    # No deadline passed: the refused evaluator was not waited for.
+    assert clock.now == 1000.0
+    assert engine.done
+    last = engine.snapshot().rounds[-1]
+    assert last.eval_accuracy == pytest.approx(0.5)
+    assert last.eval_examples == 300
+
+
 def test_restart_resumes_from_the_sealed_checkpoint(tmp_path: Path) -> None:
     keys = SimulatedSealingKeys(b"s" * 32, b"m" * 32)
     engine, _, _ = make_engine(store=CheckpointStore(tmp_path, keys))

@@ -23,6 +23,7 @@ class ControlledProxy:
         self.port = int(self._listener.getsockname()[1])
         self._stalled = threading.Event()
         self._cut_after: int | None = None
+        self._cut_more: int | None = None
         self._stop = threading.Event()
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -39,9 +40,15 @@ class ControlledProxy:
     def cut_after(self, client_bytes: int) -> None:
         self._cut_after = client_bytes
 
+    def cut_after_more(self, client_bytes: int) -> None:
+        """Cut each connection once `client_bytes` more client bytes were forwarded (counted
+        from the connection's next bytes): cuts a call in the middle of an open channel."""
+        self._cut_more = client_bytes
+
     def forward(self) -> None:
         self._stalled.clear()
         self._cut_after = None
+        self._cut_more = None
 
     def close(self) -> None:
         self._stop.set()
@@ -70,6 +77,7 @@ class ControlledProxy:
         selector.register(client, selectors.EVENT_READ, upstream)
         selector.register(upstream, selectors.EVENT_READ, client)
         sent_up = 0
+        base: int | None = None  # where cut_after_more counts from, on this connection
         try:
             while not self._stop.is_set():
                 for key, _ in selector.select(timeout=0.1):
@@ -81,6 +89,12 @@ class ControlledProxy:
                         continue  # swallowed: the other side hears nothing more
                     if source is client:
                         limit = self._cut_after
+                        more = self._cut_more
+                        if more is None:
+                            base = None
+                        else:
+                            base = sent_up if base is None else base
+                            limit = base + more if limit is None else min(limit, base + more)
                         if limit is not None and sent_up + len(data) > limit:
                             key.data.sendall(data[: max(0, limit - sent_up)])
                             return  # cut mid-stream

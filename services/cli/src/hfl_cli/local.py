@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import sys
 import tomllib
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -184,8 +186,65 @@ def policy_toml(
     return "\n".join(lines)
 
 
+# The magnitude defence every generated plan carries (docs/security.md, "Magnitude
+# defence"): an update may move the model by at most UPDATE_NORM_FACTOR times the
+# initial model's L2 norm; the aggregate by AGGREGATE_HEADROOM * sqrt(trainers) times
+# that (coordinate-wise rules can reach sqrt(n) times the largest update, server
+# momentum 1 / (1 - 0.9) = 10 times one step).
+UPDATE_NORM_FACTOR = 2.0
+AGGREGATE_HEADROOM = 10.0
+MIN_UPDATE_NORM = 1.0
+
+
+@dataclass(frozen=True)
+class MagnitudeBounds:
+    max_norm: float
+    max_aggregate_norm: float
+
+
+def magnitude_bounds(
+    initial_norm: float, trainers: int, central_noise_norm: float = 0.0
+) -> MagnitudeBounds:
+    """The plan's update and aggregate L2 bounds, derived from the initial model's norm.
+
+    `central_noise_norm` is the L2 norm central DP's Gaussian noise may add to the
+    aggregate (`central_dp_noise_allowance`): the aggregate bound makes room for it, or
+    every noised round would be refused.
+    """
+    max_norm = max(MIN_UPDATE_NORM, UPDATE_NORM_FACTOR * initial_norm)
+    aggregate = AGGREGATE_HEADROOM * math.sqrt(max(1, trainers)) * max_norm + central_noise_norm
+    return MagnitudeBounds(
+        max_norm=float(f"{max_norm:.6g}"), max_aggregate_norm=float(f"{aggregate:.6g}")
+    )
+
+
+def central_dp_noise_allowance(opts: PlanOptions, weights: Mapping[str, Any]) -> float:
+    """Twice the expected L2 norm of central DP's noise on the mean when a single party is
+    sampled (the worst case): z * C * sqrt(parameters) * 2. Zero without central DP."""
+    if opts.central_noise_multiplier <= 0:
+        return 0.0
+    params = sum(
+        int(np.asarray(a).size) for a in weights.values() if np.asarray(a).dtype.kind == "f"
+    )
+    return 2.0 * opts.central_noise_multiplier * opts.central_clip_norm * math.sqrt(params)
+
+
+def weights_norm(weights: Mapping[str, Any]) -> float:
+    """The L2 norm over every floating-point tensor of a model's weights."""
+    total = 0.0
+    for array in weights.values():
+        a = np.asarray(array)
+        if a.dtype.kind == "f":
+            total += float(np.sum(np.square(a, dtype=np.float64)))
+    return math.sqrt(total)
+
+
 def plan_toml(
-    opts: PlanOptions, weights_file: str, weights_sha256: str, non_trainable: list[str]
+    opts: PlanOptions,
+    weights_file: str,
+    weights_sha256: str,
+    non_trainable: list[str],
+    bounds: MagnitudeBounds | None = None,
 ) -> str:
     if opts.model not in MODELS:
         raise ConfigError(f"unknown model {opts.model!r}; models are {', '.join(MODELS)}")
@@ -223,7 +282,12 @@ def plan_toml(
             "evaluate_every": opts.evaluate_every,
         },
         "strategy": strategy,
-        "update": {"encoding": opts.encoding},
+        "update": {"encoding": opts.encoding}
+        | (
+            {}
+            if bounds is None
+            else {"max_norm": bounds.max_norm, "max_aggregate_norm": bounds.max_aggregate_norm}
+        ),
         "privacy": {
             "clip_norm": opts.clip_norm,
             "noise_multiplier": opts.noise_multiplier,
@@ -340,6 +404,12 @@ def _prepare_project_plan(directory: Path, opts: PlanOptions, project: Path) -> 
     trainable = {name for name, _, _ in trainable_spec(model)}
     model_table["initial_weights_sha256"] = hashlib.sha256(weights).hexdigest()
     model_table["non_trainable"] = [n for n, _, _ in model_spec(model) if n not in trainable]
+    # The project's own bounds win; a project without them gets the derived ones.
+    update_table = data.setdefault("update", {})
+    if isinstance(update_table, dict):
+        bounds = magnitude_bounds(weights_norm(get_weights(model)), opts.trainers)
+        update_table.setdefault("max_norm", bounds.max_norm)
+        update_table.setdefault("max_aggregate_norm", bounds.max_aggregate_norm)
     text = toml_document(
         data,
         f"# hfl federation plan: {source} with the initial weights its model function built.",
@@ -355,6 +425,7 @@ def prepare(directory: Path, opts: PlanOptions) -> Prepared:
     with _native_stderr_silenced():
         from hfl_trainer.models import (
             build_model,
+            get_weights,
             initial_weights_file,
             model_spec,
             trainable_spec,
@@ -387,8 +458,12 @@ def prepare(directory: Path, opts: PlanOptions) -> Prepared:
         model = build_model(opts.model, opts.input_shape, 10, opts.seed)
     trainable = {name for name, _, _ in trainable_spec(model)}
     non_trainable = [name for name, _, _ in model_spec(model) if name not in trainable]
+    weights = get_weights(model)
+    bounds = magnitude_bounds(
+        weights_norm(weights), opts.trainers, central_dp_noise_allowance(opts, weights)
+    )
     (directory / "plan.toml").write_text(
-        plan_toml(opts, "initial_weights.npz", digest, non_trainable)
+        plan_toml(opts, "initial_weights.npz", digest, non_trainable, bounds)
     )
     return Prepared(
         directory,

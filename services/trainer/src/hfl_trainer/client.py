@@ -38,6 +38,7 @@ from hfl_common.errors import (
     UnavailableError,
     error_reason,
 )
+from hfl_trainer.freshness import ModelVersionMemory
 from hfl_trainer.metrics import TrainerMetrics
 from hfl_trainer.privacy import add_gaussian_noise, clip_update, local_epsilon
 from hfl_trainer.progress import BatchProgress, ProgressReporter
@@ -101,8 +102,12 @@ class FederationClient:
         metrics: TrainerMetrics | None = None,
         step_delay: float = 0.0,
         on_done: Callable[[int, int, dict[str, np.ndarray]], None] | None = None,
+        versions: ModelVersionMemory | None = None,
     ) -> None:
         self._plan = plan
+        # The highest model version served per plan (hfl_trainer.freshness): an aggregator
+        # restarted from an older checkpoint is refused.
+        self._versions = versions
         # Called with (rounds completed, model version, final weights) when the
         # federation is done, before leaving (hfl_trainer.export takes the model home).
         self._on_done = on_done
@@ -220,6 +225,8 @@ class FederationClient:
                 raise
             task = response.task
             kind = task.kind
+            if kind == aggregator_pb2.TASK_KIND_TRAIN and not self._async:
+                self._saw(task.model_version)
             if kind == aggregator_pb2.TASK_KIND_DONE:
                 if task.HasField("privacy"):
                     self.final_privacy = task.privacy
@@ -341,6 +348,11 @@ class FederationClient:
 
     # --------------------------------------------------------------- model
 
+    def _saw(self, version: int) -> None:
+        """A current model version the aggregator served: refuse a regression."""
+        if self._versions is not None:
+            self._versions.check(self._plan.sha256_hex, self._plan.name, version)
+
     def _download(self, version: int) -> tuple[int, dict[str, np.ndarray]]:
         def fetch(
             s: aggregator_pb2_grpc.AggregatorServiceStub,
@@ -353,7 +365,10 @@ class FederationClient:
             )
             return _receive_model(stream, self._spec, self._plan.sha256_hex)
 
-        return self._call("download the global model", fetch)
+        got = self._call("download the global model", fetch)
+        if version == 0:
+            self._saw(got[0])
+        return got
 
     def _train(self, task: aggregator_pb2.Task) -> None:
         params = task.train
@@ -484,12 +499,35 @@ class FederationClient:
             loss=result.loss,
             accuracy=result.accuracy,
         )
-        self._call(
-            "report the evaluation",
-            lambda s: s.ReportEvaluation(
-                aggregator_pb2.ReportEvaluationRequest(report=report), timeout=30
-            ),
-        )
+        if not (math.isfinite(result.loss) and 0.0 <= result.accuracy <= 1.0):
+            # A poisoned or diverged model: say so, and let the aggregator refuse the
+            # report with its reason; the federation goes on without this evaluation.
+            log.error(
+                "round %d: evaluation of model version %d is not finite (loss %s, "
+                "accuracy %s): reporting it",
+                task.round,
+                version,
+                result.loss,
+                result.accuracy,
+            )
+        try:
+            self._call(
+                "report the evaluation",
+                lambda s: s.ReportEvaluation(
+                    aggregator_pb2.ReportEvaluationRequest(report=report), timeout=30
+                ),
+            )
+        except grpc.RpcError as err:
+            code = err.code() if isinstance(err, grpc.Call) else None
+            if code is not grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            log.error(
+                "round %d: the aggregator refused the evaluation of model version %d: %s",
+                task.round,
+                version,
+                _details(err),
+            )
+            return
         log.info(
             "round %d: evaluated model version %d: loss %.4f, accuracy %.4f on %d examples",
             task.round,

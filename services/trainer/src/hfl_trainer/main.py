@@ -53,6 +53,8 @@ from hfl_trainer import data as data_lib
 from hfl_trainer import project as project_lib
 from hfl_trainer.client import Backoff, FederationClient, TrainerState
 from hfl_trainer.export import export_model, privacy_provenance
+from hfl_trainer.freshness import FILE_NAME as VERSIONS_FILE
+from hfl_trainer.freshness import ModelVersionMemory
 from hfl_trainer.metrics import TrainerMetrics
 from hfl_trainer.models import get_weights
 from hfl_trainer.progress import ProgressReporter
@@ -308,6 +310,7 @@ def build_trainer(config: TrainerConfig, registry: CollectorRegistry) -> Running
         backoff=Backoff(give_up_after=config.give_up_after),
         step_delay=config.step_delay,
         on_done=take_model_home if plan.export.receives(config.label) else None,
+        versions=ModelVersionMemory(config.enclave.state_dir / VERSIONS_FILE),
     )
     server.add_shutdown_hook(stop_metrics)
     server.add_shutdown_hook(pinned.close)

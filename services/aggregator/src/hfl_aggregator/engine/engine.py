@@ -129,6 +129,11 @@ class RoundEngine:
         self._ckpt_seq = 0
         self._weights: Weights = dict(initial_weights)
         self._version = 0
+        # The newest model version whose checkpoint write is over (sealed, or failed and
+        # logged): a synchronous round trains on a version only once it is, so a crash
+        # never resumes a version older than one a trainer was served
+        # (hfl_trainer.freshness refuses that as a rollback).
+        self._settled_version = 0
         self._completed = 0
         self._history: list[RoundRecord] = []
         self._phase = Phase.WAITING
@@ -182,6 +187,7 @@ class RoundEngine:
             )
         self._weights = dict(ckpt.weights)
         self._version = ckpt.model_version
+        self._settled_version = ckpt.model_version
         self._completed = ckpt.completed_rounds
         self._history = [RoundRecord.from_json(h) for h in ckpt.history]
         self.strategy.load_state(ckpt.strategy_state)
@@ -223,9 +229,15 @@ class RoundEngine:
         if pending is None:
             return
         seq, ckpt = pending
-        if self._writer.write(seq, ckpt) and self._journal is not None:
-            # Journal files below the sealed watermark are in the model now.
-            self._journal.discard_below(int(ckpt.schedule_state.get("journal_watermark", 0)))
+        try:
+            if self._writer.write(seq, ckpt) and self._journal is not None:
+                # Journal files below the sealed watermark are in the model now.
+                self._journal.discard_below(int(ckpt.schedule_state.get("journal_watermark", 0)))
+        finally:
+            with self._cond:
+                if ckpt.model_version > self._settled_version:
+                    self._settled_version = ckpt.model_version
+                    self._cond.notify_all()
 
     @property
     def phase(self) -> Phase:
@@ -334,6 +346,14 @@ class RoundEngine:
             while True:
                 record = self._registry.touch(session_id, caller, self._clock())
                 task = self._task_for(record.trainer_id)
+                if (
+                    task.kind is TaskKind.TRAIN
+                    and not self._async
+                    and self._writer.enabled
+                    and task.model_version > self._settled_version
+                ):
+                    # Its checkpoint is being sealed (after the lock was released).
+                    task = Task("", TaskKind.WAIT, task.round, self._version, message="sealing")
                 remaining = end - self._clock()
                 if (
                     task.kind is not TaskKind.WAIT
@@ -835,6 +855,9 @@ class RoundEngine:
         accuracy: float,
     ) -> None:
         if num_examples <= 0 or not (math.isfinite(loss) and 0.0 <= accuracy <= 1.0):
+            # Refused, but counted as answered: the evaluation does not wait for it.
+            if not self._async:
+                self._give_up_evaluation(session_id, caller, round_number, model_version)
             raise InvalidArgumentError(
                 "evaluation report needs num_examples > 0, a finite loss and an "
                 f"accuracy in [0, 1]; got {num_examples}, {loss}, {accuracy}",
@@ -868,6 +891,30 @@ class RoundEngine:
                     "duplicate",
                 )
             r.evals[record.trainer_id] = (num_examples, loss, accuracy)
+            if all(t in r.evals or t in r.lost for t in r.eval_selected):
+                pending = self._finish_evaluation()
+            self._cond.notify_all()
+        self._write(pending)
+
+    def _give_up_evaluation(
+        self, session_id: str, caller: str, round_number: int, model_version: int
+    ) -> None:
+        """A sampled evaluator reported a refused evaluation (a non-finite loss): stop
+        waiting for it, as for a lost one, so the round ends without its deadline."""
+        pending: _Pending = None
+        with self._cond:
+            record = self._registry.touch(session_id, caller, self._clock())
+            r = self._round
+            if (
+                self._phase is not Phase.EVALUATING
+                or r is None
+                or round_number != r.round
+                or model_version != r.eval_version
+                or record.trainer_id not in r.eval_selected
+                or record.trainer_id in r.evals
+            ):
+                return
+            r.lost.add(record.trainer_id)
             if all(t in r.evals or t in r.lost for t in r.eval_selected):
                 pending = self._finish_evaluation()
             self._cond.notify_all()
