@@ -462,6 +462,11 @@ def prepare(directory: Path, opts: PlanOptions) -> Prepared:
     bounds = magnitude_bounds(
         weights_norm(weights), opts.trainers, central_dp_noise_allowance(opts, weights)
     )
+    if opts.central_noise_multiplier > 0:
+        # Central DP clips every update to its clip norm C before it counts: that is the
+        # per-update bound. (Trained from a noised model, an honest update can be far
+        # larger than twice the initial model, and would be refused.)
+        bounds = MagnitudeBounds(max_norm=0.0, max_aggregate_norm=bounds.max_aggregate_norm)
     (directory / "plan.toml").write_text(
         plan_toml(opts, "initial_weights.npz", digest, non_trainable, bounds)
     )
