@@ -1308,6 +1308,14 @@ def test_the_documented_party_overlay_renders_with_the_partys_settings(tmp_path:
     assert env["HFL_LABEL"] == "party-a"
     assert env["HFL_AGGREGATOR"] == "aggregator.fed.example:7401"
     assert env["HFL_ATTESTATION"] == "attestation.fed.example:7400"
+    # The party's own PCCS, which the trainer manifest lets through (outside MRENCLAVE).
+    passthrough = {
+        k
+        for k, v in render_manifest("trainer")["loader"]["env"].items()
+        if v == {"passthrough": True}
+    }
+    assert set(env) <= passthrough, sorted(set(env) - passthrough)
+    assert env["HFL_PCCS_URL"].startswith("https://pccs.party-a.example")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert labels["hfl.io/party"] == env["HFL_LABEL"]
     assert service_container(deployment)["image"] == "registry.party-a.example/hfl-sgx-trainer:1"
