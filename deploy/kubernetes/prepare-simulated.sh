@@ -21,12 +21,16 @@ src=$1
 party=${2:-party-1}
 here=$(cd "$(dirname "$0")" && pwd)
 
-for f in policy.toml plan.toml initial_weights.npz platform/platform.json "parties/$party.key.pem"; do
+for f in policy.toml plan.toml initial_weights.npz platform/platform.json; do
     if [ ! -f "$src/$f" ]; then
         echo "$0: $src/$f is missing: is $src an 'hfl init' directory?" >&2
         exit 1
     fi
 done
+if [ ! -f "$src/parties/$party.key.pem" ]; then
+    echo "$0: no enrolment key $src/parties/$party.key.pem: name a party 'hfl init' enrolled ([parties.<name>] in $src/policy.toml)" >&2
+    exit 1
+fi
 
 # The stand-in for the CPU's sealing key. Every pod unpacks its own copy of
 # the platform, so it must exist before packing: otherwise each pod start

@@ -1115,6 +1115,25 @@ def test_prepare_simulated_refuses_a_directory_that_is_not_hfl_init(tmp_path: Pa
     assert not (kube / "overlays" / "simulated" / "agreed" / "policy.toml").exists()
 
 
+@pytest.mark.slow
+def test_prepare_simulated_refuses_a_party_hfl_init_did_not_enrol(
+    sim_dir: Path, tmp_path: Path
+) -> None:
+    kube = copy_deploy(tmp_path)
+    proc = subprocess.run(
+        [str(kube / "prepare-simulated.sh"), str(sim_dir), "party-9"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "parties/party-9.key.pem" in proc.stderr
+    assert "[parties.<name>]" in proc.stderr
+    assert not list((kube / "overlays" / "simulated" / "agreed").glob("*.toml"))
+    assert not (kube / "trainer" / "overlays" / "simulated" / "agreed" / "party.key.pem").exists()
+
+
 def test_simulated_overlay_without_prepared_files_says_so(tmp_path: Path) -> None:
     kube = copy_deploy(tmp_path)
     proc = subprocess.run(
