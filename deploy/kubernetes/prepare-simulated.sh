@@ -2,19 +2,23 @@
 # Fill the simulated overlays' agreed/ directories from an `hfl init` directory:
 #
 #   hfl init /tmp/hfl-sim          # or: docker run --rm -v /tmp/hfl-sim:/sim hfl-tools:dev init /sim
-#   deploy/kubernetes/prepare-simulated.sh /tmp/hfl-sim
+#   deploy/kubernetes/prepare-simulated.sh /tmp/hfl-sim [PARTY]
 #
 # Writes policy.toml, plan.toml, initial_weights.npz and sim-platform.tar.gz
 # (the simulated platform: development root, PCK chain, collateral and the
 # per-machine sealing secret) into overlays/simulated/agreed/ and
-# trainer/overlays/simulated/agreed/ (both git-ignored). The platform holds
-# private keys: it is a development stand-in for a CPU, never a production
-# secret, but keep it out of version control all the same.
+# trainer/overlays/simulated/agreed/ (both git-ignored), and PARTY's private
+# enrolment key (default party-1; `hfl init` writes parties/<party>.key.pem)
+# as trainer/overlays/simulated/agreed/party.key.pem, for the trainer's
+# Secret hfl-party-key only: the central overlay gets no party key. The
+# platform and the key are development stand-ins, never production secrets,
+# but keep them out of version control all the same.
 set -eu
 
-usage() { echo "usage: $0 HFL_INIT_DIR" >&2; exit 2; }
-[ $# -eq 1 ] || usage
+usage() { echo "usage: $0 HFL_INIT_DIR [PARTY]" >&2; exit 2; }
+[ $# -eq 1 ] || [ $# -eq 2 ] || usage
 src=$1
+party=${2:-party-1}
 here=$(cd "$(dirname "$0")" && pwd)
 
 for f in policy.toml plan.toml initial_weights.npz platform/platform.json; do
@@ -23,6 +27,10 @@ for f in policy.toml plan.toml initial_weights.npz platform/platform.json; do
         exit 1
     fi
 done
+if [ ! -f "$src/parties/$party.key.pem" ]; then
+    echo "$0: no enrolment key $src/parties/$party.key.pem: name a party 'hfl init' enrolled ([parties.<name>] in $src/policy.toml)" >&2
+    exit 1
+fi
 
 # The stand-in for the CPU's sealing key. Every pod unpacks its own copy of
 # the platform, so it must exist before packing: otherwise each pod start
@@ -37,3 +45,7 @@ for dest in "$here/overlays/simulated/agreed" "$here/trainer/overlays/simulated/
     (umask 077 && tar -C "$src" -czf "$dest/sim-platform.tar.gz" platform)
     echo "wrote $dest/{policy.toml,plan.toml,initial_weights.npz,sim-platform.tar.gz}"
 done
+
+trainer=$here/trainer/overlays/simulated/agreed
+(umask 077 && cp "$src/parties/$party.key.pem" "$trainer/party.key.pem")
+echo "wrote $trainer/party.key.pem ($party's enrolment key; set HFL_PARTY=$party)"

@@ -734,7 +734,14 @@ def test_environment_is_the_compose_environment(rendered: Rendered) -> None:
         )
         for name, value in env.items():
             expected = compose_env[name]
-            if expected.startswith("/"):
+            if name == "HFL_PARTY_KEY":
+                # compose reads it from the shared /sim volume; here it is the party's
+                # own Secret, mounted read-only into the trainer container.
+                mount = _party_key_mount(workload, value)
+                assert mount.get("readOnly") is True, (
+                    f"{rendered.name} {service}: {name}={value} is on a writable mount"
+                )
+            elif expected.startswith("/"):
                 assert value == expected, (
                     f"{rendered.name} {service}: {name}={value}, compose {compose_name}: {expected}"
                 )
@@ -783,6 +790,19 @@ def test_sgx_environment_is_what_the_manifests_pass_through(
             )
 
 
+def _party_key_mount(workload: dict[str, Any], path: str) -> dict[str, Any]:
+    """The mount of the service container that holds the file `path` (the party's key)."""
+    directory, _, name = path.rpartition("/")
+    mounts = mounts_of(workload)
+    assert directory in mounts, f"HFL_PARTY_KEY={path}: nothing is mounted at {directory}"
+    mount = mounts[directory]
+    secret = mount["volume"].get("secret")
+    assert secret, f"HFL_PARTY_KEY={path}: {directory} is not a Secret volume"
+    keys = [i["path"] for i in secret.get("items", [])] or [name]
+    assert name in keys, f"HFL_PARTY_KEY={path}: the Secret volume has no file {name}"
+    return mount
+
+
 def _compose_mounts(compose_name: str) -> dict[str, bool]:
     """container path -> read-only, for the compose service's volumes and tmpfs."""
     svc = compose_services()[compose_name]
@@ -805,6 +825,10 @@ def test_volume_paths_are_the_compose_paths(rendered: Rendered) -> None:
         compose_name = COMPOSE_SERVICE[(rendered.tee, service)]
         expected = _compose_mounts(compose_name)
         mounts = mounts_of(workload)
+        # The party's key: compose has it on the shared /sim, here on its own Secret.
+        key = env_of(service_container(workload)).get("HFL_PARTY_KEY")
+        if key is not None:
+            expected[key.rpartition("/")[0]] = True
         assert set(mounts) == set(expected), (
             f"{rendered.name} {service}: mounts {sorted(mounts)}, but deploy/compose.yaml "
             f"{compose_name} mounts {sorted(expected)}; only in k8s: "
@@ -1091,6 +1115,25 @@ def test_prepare_simulated_refuses_a_directory_that_is_not_hfl_init(tmp_path: Pa
     assert not (kube / "overlays" / "simulated" / "agreed" / "policy.toml").exists()
 
 
+@pytest.mark.slow
+def test_prepare_simulated_refuses_a_party_hfl_init_did_not_enrol(
+    sim_dir: Path, tmp_path: Path
+) -> None:
+    kube = copy_deploy(tmp_path)
+    proc = subprocess.run(
+        [str(kube / "prepare-simulated.sh"), str(sim_dir), "party-9"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "parties/party-9.key.pem" in proc.stderr
+    assert "[parties.<name>]" in proc.stderr
+    assert not list((kube / "overlays" / "simulated" / "agreed").glob("*.toml"))
+    assert not (kube / "trainer" / "overlays" / "simulated" / "agreed" / "party.key.pem").exists()
+
+
 def test_simulated_overlay_without_prepared_files_says_so(tmp_path: Path) -> None:
     kube = copy_deploy(tmp_path)
     proc = subprocess.run(
@@ -1161,6 +1204,47 @@ def test_simulated_pods_unpack_a_platform_the_services_load(
         packed = tar.extractfile("platform/sealing_secret")
         assert packed is not None
         assert simulated_sealing_secret(platform_dir) == packed.read()
+
+
+@pytest.mark.slow
+def test_simulated_trainer_enrols_with_its_partys_key_which_the_centre_never_gets(
+    rendered_simulated: dict[str, Rendered], prepared: Path
+) -> None:
+    """The Secret behind HFL_PARTY_KEY is the key the agreed policy enrols for HFL_PARTY,
+    loaded the way the trainer loads it; no central object carries a party key."""
+    from hfl_common.config import load_policy
+    from hfl_common.enrolment import PartySigner, public_key_text
+
+    r = rendered_simulated["trainer/overlays/simulated"]
+    workload = r.find("Deployment", "trainer")
+    env = env_of(service_container(workload), r)
+    mount = _party_key_mount(workload, env["HFL_PARTY_KEY"])
+    secret = r.find("Secret", mount["volume"]["secret"]["secretName"])
+    name = env["HFL_PARTY_KEY"].rpartition("/")[2]
+    key_file = prepared.parent / "party.key.pem"
+    key_file.write_bytes(base64.b64decode(secret["data"][name]))
+    signer = PartySigner.load(env["HFL_PARTY"], key_file)
+    policy = load_policy(prepared / "trainer" / "overlays" / "simulated" / "agreed" / "policy.toml")
+    assert public_key_text(policy.parties[env["HFL_PARTY"]].public_key) == public_key_text(
+        signer.key
+    ), f"the Secret's key is not party {env['HFL_PARTY']}'s key in the agreed policy"
+    # Only the trainer container mounts it (the init container runs other code paths).
+    spec = workload["spec"]["template"]["spec"]
+    holders = [
+        c["name"]
+        for c in spec["containers"] + spec.get("initContainers", [])
+        for m in c.get("volumeMounts", [])
+        if m["name"] == mount["name"]
+    ]
+    assert holders == ["trainer"], holders
+    central = rendered_simulated["overlays/simulated"]
+    pem = secret["data"][name]
+    for o in central.objects:
+        text = json.dumps(o)
+        where = f"central {o['kind']} {o['metadata']['name']}"
+        assert pem not in text, f"{where} carries the party key"
+        assert secret["metadata"]["name"] not in text, f"{where} refers to the party key"
+    assert not list((prepared / "overlays" / "simulated" / "agreed").glob("*.key.pem"))
 
 
 def test_aggregator_waits_for_the_attestation_service_it_is_configured_with(
@@ -1243,6 +1327,14 @@ def test_the_documented_party_overlay_renders_with_the_partys_settings(tmp_path:
     assert env["HFL_LABEL"] == "party-a"
     assert env["HFL_AGGREGATOR"] == "aggregator.fed.example:7401"
     assert env["HFL_ATTESTATION"] == "attestation.fed.example:7400"
+    # The party's own PCCS, which the trainer manifest lets through (outside MRENCLAVE).
+    passthrough = {
+        k
+        for k, v in render_manifest("trainer")["loader"]["env"].items()
+        if v == {"passthrough": True}
+    }
+    assert set(env) <= passthrough, sorted(set(env) - passthrough)
+    assert env["HFL_PCCS_URL"].startswith("https://pccs.party-a.example")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert labels["hfl.io/party"] == env["HFL_LABEL"]
     assert service_container(deployment)["image"] == "registry.party-a.example/hfl-sgx-trainer:1"
