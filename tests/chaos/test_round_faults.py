@@ -7,6 +7,7 @@ the round goes on with the others to the exact FedAvg of the updates that did ar
 
 from __future__ import annotations
 
+import concurrent.futures
 import signal
 import subprocess
 import sys
@@ -157,7 +158,11 @@ def test_a_trainer_sigkilled_mid_upload_is_dropped_by_liveness_and_the_round_goe
     )
     try:
         try:
-            task1, task2 = t1.wait_for_task(TRAIN, timeout=120), t2.wait_for_task(TRAIN)
+            # Both poll at once: a trainer that stopped polling for 3 s would be lost
+            # while the other waits for the uploader to start (slow on a loaded machine).
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                waits = [pool.submit(t.wait_for_task, TRAIN, timeout=120) for t in (t1, t2)]
+                task1, task2 = (w.result() for w in waits)
         except AssertionError as exc:
             raise AssertionError(
                 f"{exc}; the uploader: {(tmp_path / 'uploader.log').read_text()[-3000:]}"
