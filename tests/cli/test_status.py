@@ -18,7 +18,7 @@ def test_status_prints_round_trainers_and_plan_hash(live: clikit.LocalFederation
     expected = live.status()
     lines = result.stdout.splitlines()
     # a local federation is simulated, and says so first
-    assert lines[0].startswith("!! SIMULATED TEE: the aggregator runs on the simulated")
+    assert lines[0].startswith("!! SIMULATED TEE: the aggregator, trainer-1 runs on the simulated")
     assert lines[2].startswith(f"federation {expected.federation_id}: ")
     assert f"round 0/{expected.total_rounds}" in lines[2]
     assert f"plan sha256 {expected.plan_sha256}" in lines
@@ -36,6 +36,19 @@ def test_status_json_is_the_status_message(live: clikit.LocalFederation) -> None
     assert status["planSha256"] == live.status().plan_sha256
     assert status["totalRounds"] == 3
     assert [t["label"] for t in status["trainers"]] == ["trainer-1"]
+    # simulation is visible in the status itself, not only in hfl status's banner
+    assert status["teeSimulated"] is True
+    assert [t.get("simulated") for t in status["trainers"]] == [True]
+
+
+def test_status_banner_names_every_simulated_party(live: clikit.LocalFederation) -> None:
+    result = clikit.run_hfl("status", "--run", str(live.prepared.directory), timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    banner = result.stdout.splitlines()[0]
+    assert banner.startswith("!! SIMULATED TEE: the aggregator, trainer-1 runs on the simulated")
+    trainer_lines = [line for line in result.stdout.splitlines() if "trainer-1 " in line]
+    assert trainer_lines[-1].endswith("(simulated TEE)"), trainer_lines
 
 
 def test_status_of_a_directory_without_a_run_says_so(live: clikit.LocalFederation) -> None:
@@ -63,6 +76,7 @@ def test_trainer_status_names_the_aggregator_it_verified(live: clikit.LocalFeder
         channel.close()
     expected = service_identity("aggregator", live.prepared.platform).mrenclave.hex()
     assert status.aggregator_mrenclave == expected
+    assert status.tee_simulated is True
     assert status.label == "trainer-1"
     assert status.state != aggregator_pb2.TRAINER_PHASE_UNSPECIFIED
 

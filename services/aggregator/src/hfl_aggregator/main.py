@@ -216,12 +216,17 @@ def build_aggregator(config: AggregatorConfig, registry: CollectorRegistry) -> R
             m = peers.verify_peer(peer).measurements
             return m.mrenclave.hex() if m is not None else ""
 
+        def simulated_of(peer: PeerIdentity) -> bool:
+            return peers.verify_peer(peer).simulated  # cached verdict
+
         servicer = AggregatorServicer(
             engine,
             plan,
             metrics,
             specs_of(weights),
             mrenclave_of=mrenclave_of,
+            simulated_of=simulated_of,
+            tee_simulated=config.enclave.tee == "simulated",
             upload_slots=config.upload_slots,
             header_timeout_seconds=config.header_timeout_seconds,
         )

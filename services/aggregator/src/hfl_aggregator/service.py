@@ -132,6 +132,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         model_spec: Sequence[tensor_pb2.TensorSpec],
         *,
         mrenclave_of: Callable[[PeerIdentity], str],
+        simulated_of: Callable[[PeerIdentity], bool] = lambda _peer: False,
+        tee_simulated: bool = False,
         federation_id: str = "",
         chunk_bytes: int = 1 << 20,
         upload_slots: int = 1,
@@ -142,6 +144,10 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         self._metrics = metrics
         self._spec = list(model_spec)
         self._mrenclave_of = mrenclave_of
+        # Whose verified evidence is simulated (trainer id -> bool), shown in GetStatus.
+        self._simulated_of = simulated_of
+        self._simulated: dict[str, bool] = {}
+        self._tee_simulated = tee_simulated
         self._federation_id = federation_id or plan.name
         self._chunk_bytes = chunk_bytes
         self._models = ModelCache(chunk_bytes)
@@ -161,6 +167,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         peer = current_peer()
         caller = _caller()
         check_specs(self._spec, list(request.model_spec), "trainer model vs the plan's model")
+        self._simulated[caller] = self._simulated_of(peer)
         session = self._engine.join(
             caller,
             request.label or caller,
@@ -347,6 +354,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         snap = self._engine.snapshot()
         response = aggregator_pb2.GetStatusResponse(
             federation_id=self._federation_id,
+            tee_simulated=self._tee_simulated,
             plan_sha256=self._plan.sha256_hex,
             state=_STATES[snap.phase],
             round=snap.round,
@@ -371,6 +379,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                 updates_accepted=t.updates_accepted,
                 updates_refused=t.updates_refused,
                 num_examples=t.num_examples,
+                simulated=self._simulated.get(t.trainer_id, False),
             )
             trainer.last_seen.FromNanoseconds(int(t.last_seen * 1e9))
         for r in snap.rounds:

@@ -158,8 +158,10 @@ def format_status(
     s: aggregator_pb2.GetStatusResponse, last_rounds: int = 10, simulated: Sequence[str] = ()
 ) -> str:
     """The status as text; `simulated` names the parties whose verified evidence is
-    simulated, shown in a banner first. (The aggregator's comes from its quote; the
-    trainers' from GetStatus once TrainerStatus carries the verdict's `simulated`.)"""
+    simulated, shown in a banner first. (The aggregator's comes from its quote, which
+    the caller verified; the trainers' from GetStatus, where the aggregator reports
+    each trainer's verified evidence.)"""
+    simulated = [*simulated, *(t.label or t.trainer_id for t in s.trainers if t.simulated)]
     state = enum_name(s.state, aggregator_pb2.FederationState, "FEDERATION_STATE_")
     mode = enum_name(s.mode, aggregator_pb2.AggregationMode, "AGGREGATION_MODE_")
     if s.mode == aggregator_pb2.AGGREGATION_MODE_ASYNC:
@@ -186,6 +188,7 @@ def format_status(
             f"  {t.label:<12} {t.trainer_id:<16} {t_state:<6} updates {t.updates_accepted} "
             f"(refused {t.updates_refused})  examples {t.num_examples}  "
             f"last seen {seen:%H:%M:%S}  MRENCLAVE {t.mrenclave[:16]}…"
+            + ("  (simulated TEE)" if t.simulated else "")
         )
     shown = list(s.rounds)[-last_rounds:] if last_rounds > 0 else list(s.rounds)
     lines += ["", f"rounds (last {len(shown)} of {len(s.rounds)}):"]

@@ -112,10 +112,13 @@ def load_partition(
 
 
 class TrainerStatusServicer(aggregator_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, state: TrainerState, label: str, examples: int) -> None:
+    def __init__(
+        self, state: TrainerState, label: str, examples: int, tee_simulated: bool = False
+    ) -> None:
         self._state = state
         self._label = label
         self._examples = examples
+        self._tee_simulated = tee_simulated
         self.aggregator_mrenclave = ""
 
     def record_aggregator(self, verdict: Verdict) -> None:
@@ -142,6 +145,7 @@ class TrainerStatusServicer(aggregator_pb2_grpc.TrainerServiceServicer):
                 last_eval_accuracy=s.last_eval_accuracy,
                 num_examples=self._examples,
                 aggregator_mrenclave=self.aggregator_mrenclave,
+                tee_simulated=self._tee_simulated,
             )
 
 
@@ -249,7 +253,9 @@ def build_trainer(config: TrainerConfig, registry: CollectorRegistry) -> Running
     enclave = Enclave.open(config.enclave, registry)
     credentials, renewer, pinned = enclave.attest(config.attestation, config.label)
     state = TrainerState()
-    status = TrainerStatusServicer(state, config.label, trainer.num_examples)
+    status = TrainerStatusServicer(
+        state, config.label, trainer.num_examples, config.enclave.tee == "simulated"
+    )
     peers = enclave.peer_verifier()
     host, port = split_listen(config.listen)
     server = build_server(

@@ -354,7 +354,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TrainerStatus(_message.Message):
-    __slots__ = ("trainer_id", "label", "party", "mrenclave", "state", "last_seen", "updates_accepted", "updates_refused", "num_examples")
+    __slots__ = ("trainer_id", "label", "party", "mrenclave", "state", "last_seen", "updates_accepted", "updates_refused", "num_examples", "simulated")
     TRAINER_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     PARTY_FIELD_NUMBER: _ClassVar[int]
@@ -364,6 +364,7 @@ class TrainerStatus(_message.Message):
     UPDATES_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     UPDATES_REFUSED_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SIMULATED_FIELD_NUMBER: _ClassVar[int]
     trainer_id: str
     label: str
     party: str
@@ -373,7 +374,8 @@ class TrainerStatus(_message.Message):
     updates_accepted: int
     updates_refused: int
     num_examples: int
-    def __init__(self, trainer_id: _Optional[str] = ..., label: _Optional[str] = ..., party: _Optional[str] = ..., mrenclave: _Optional[str] = ..., state: _Optional[_Union[TrainerState, str]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updates_accepted: _Optional[int] = ..., updates_refused: _Optional[int] = ..., num_examples: _Optional[int] = ...) -> None: ...
+    simulated: bool
+    def __init__(self, trainer_id: _Optional[str] = ..., label: _Optional[str] = ..., party: _Optional[str] = ..., mrenclave: _Optional[str] = ..., state: _Optional[_Union[TrainerState, str]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updates_accepted: _Optional[int] = ..., updates_refused: _Optional[int] = ..., num_examples: _Optional[int] = ..., simulated: _Optional[bool] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
     __slots__ = ("round", "attempt", "state", "updates", "model_version", "train_loss", "eval_loss", "eval_accuracy", "eval_examples", "duration", "failure", "failure_message", "staleness", "dp_epsilon")
@@ -434,7 +436,7 @@ class PrivacyStatus(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., epsilon_rdp: _Optional[float] = ..., epsilon_pld: _Optional[float] = ..., rounds_accounted: _Optional[int] = ..., max_epsilon: _Optional[float] = ..., clip_norm: _Optional[float] = ..., stop_reason: _Optional[str] = ..., noise_multiplier: _Optional[float] = ..., relation: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("federation_id", "plan_sha256", "state", "round", "total_rounds", "model_version", "strategy", "model", "trainers", "rounds", "mode", "buffer_size", "failure", "privacy", "stop_reason")
+    __slots__ = ("federation_id", "plan_sha256", "state", "round", "total_rounds", "model_version", "strategy", "model", "trainers", "rounds", "mode", "buffer_size", "failure", "privacy", "stop_reason", "tee_simulated")
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_SHA256_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -450,6 +452,7 @@ class GetStatusResponse(_message.Message):
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    TEE_SIMULATED_FIELD_NUMBER: _ClassVar[int]
     federation_id: str
     plan_sha256: str
     state: FederationState
@@ -465,14 +468,15 @@ class GetStatusResponse(_message.Message):
     failure: str
     privacy: PrivacyStatus
     stop_reason: str
-    def __init__(self, federation_id: _Optional[str] = ..., plan_sha256: _Optional[str] = ..., state: _Optional[_Union[FederationState, str]] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., model_version: _Optional[int] = ..., strategy: _Optional[str] = ..., model: _Optional[str] = ..., trainers: _Optional[_Iterable[_Union[TrainerStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., mode: _Optional[_Union[AggregationMode, str]] = ..., buffer_size: _Optional[int] = ..., failure: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ..., stop_reason: _Optional[str] = ...) -> None: ...
+    tee_simulated: bool
+    def __init__(self, federation_id: _Optional[str] = ..., plan_sha256: _Optional[str] = ..., state: _Optional[_Union[FederationState, str]] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., model_version: _Optional[int] = ..., strategy: _Optional[str] = ..., model: _Optional[str] = ..., trainers: _Optional[_Iterable[_Union[TrainerStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., mode: _Optional[_Union[AggregationMode, str]] = ..., buffer_size: _Optional[int] = ..., failure: _Optional[str] = ..., privacy: _Optional[_Union[PrivacyStatus, _Mapping]] = ..., stop_reason: _Optional[str] = ..., tee_simulated: _Optional[bool] = ...) -> None: ...
 
 class TrainerServiceGetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class TrainerServiceGetStatusResponse(_message.Message):
-    __slots__ = ("trainer_id", "label", "state", "round", "model_version", "last_train_loss", "last_eval_accuracy", "num_examples", "aggregator_mrenclave")
+    __slots__ = ("trainer_id", "label", "state", "round", "model_version", "last_train_loss", "last_eval_accuracy", "num_examples", "aggregator_mrenclave", "tee_simulated")
     TRAINER_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -482,6 +486,7 @@ class TrainerServiceGetStatusResponse(_message.Message):
     LAST_EVAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     AGGREGATOR_MRENCLAVE_FIELD_NUMBER: _ClassVar[int]
+    TEE_SIMULATED_FIELD_NUMBER: _ClassVar[int]
     trainer_id: str
     label: str
     state: TrainerPhase
@@ -491,4 +496,5 @@ class TrainerServiceGetStatusResponse(_message.Message):
     last_eval_accuracy: float
     num_examples: int
     aggregator_mrenclave: str
-    def __init__(self, trainer_id: _Optional[str] = ..., label: _Optional[str] = ..., state: _Optional[_Union[TrainerPhase, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., last_train_loss: _Optional[float] = ..., last_eval_accuracy: _Optional[float] = ..., num_examples: _Optional[int] = ..., aggregator_mrenclave: _Optional[str] = ...) -> None: ...
+    tee_simulated: bool
+    def __init__(self, trainer_id: _Optional[str] = ..., label: _Optional[str] = ..., state: _Optional[_Union[TrainerPhase, str]] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., last_train_loss: _Optional[float] = ..., last_eval_accuracy: _Optional[float] = ..., num_examples: _Optional[int] = ..., aggregator_mrenclave: _Optional[str] = ..., tee_simulated: _Optional[bool] = ...) -> None: ...
