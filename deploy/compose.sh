@@ -13,7 +13,7 @@
 #
 # Settings (environment; deploy/deploy.mk passes its variables):
 #   PROFILE              simulated (default) or sgx
-#   HFL_PROJECT          compose project name (default hfl): containers, network, volumes
+#   HFL_COMPOSE_PROJECT          compose project name (default hfl): containers, network, volumes
 #   HFL_IMAGE_TAG        tag of the hfl-* images built here (default dev)
 #   HFL_ROUNDS           rounds of the simulated federation (first `make up` only)
 #   HFL_BASE             auto (default): hfl's own base images when `make base-images`
@@ -30,7 +30,7 @@ cd "$(dirname "$0")/.."
 export COMPOSE_HTTP_TIMEOUT=${COMPOSE_HTTP_TIMEOUT:-600}
 
 PROFILE=${PROFILE:-simulated}
-PROJECT=${HFL_PROJECT:-hfl}
+PROJECT=${HFL_COMPOSE_PROJECT:-hfl}
 TAG=${HFL_IMAGE_TAG:-dev}
 DOCKER=${DOCKER:-docker}
 COMPOSE_FILE=deploy/compose.yaml

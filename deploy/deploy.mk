@@ -15,7 +15,7 @@
 # builder. docs/deployment.md has what `make up` prints and how long it takes.
 
 PROFILE ?= simulated
-HFL_PROJECT ?= hfl
+HFL_COMPOSE_PROJECT ?= hfl
 HFL_IMAGE_TAG ?= dev
 HFL_ISVSVN ?= 1
 HFL_SGX_IMAGE_TAG ?= $(HFL_ISVSVN)
@@ -23,7 +23,7 @@ PCCS_URL ?= https://localhost:8081/sgx/certification/v4/
 USE_SECURE_CERT ?= true
 SGX_SIGNING_KEY ?= $(HOME)/.config/gramine/enclave-key.pem
 COMPOSE_SH := deploy/compose.sh
-export PROFILE HFL_PROJECT HFL_IMAGE_TAG HFL_SGX_IMAGE_TAG
+export PROFILE HFL_COMPOSE_PROJECT HFL_IMAGE_TAG HFL_SGX_IMAGE_TAG
 
 .PHONY: up down operator base-images sgx-images
 

@@ -48,7 +48,7 @@ def make_up(**env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["make", "--no-print-directory", "up"],
         cwd=REPO,
-        env={**base, "HFL_PROJECT": PROJECT, "HFL_GRAFANA": "0", **env},
+        env={**base, "HFL_COMPOSE_PROJECT": PROJECT, "HFL_GRAFANA": "0", **env},
         capture_output=True,
         text=True,
         timeout=300,

@@ -3,7 +3,7 @@
 Driven only through the public surface: `make up` / `make operator` / `make
 down`, the Docker CLI, Prometheus's HTTP API, `hfl operator-cert` and grpcurl
 through the published ports. The test uses its own compose project and image
-tag (HFL_PROJECT=hfle2e, HFL_IMAGE_TAG=e2e), starts from nothing (no such
+tag (HFL_COMPOSE_PROJECT=hfle2e, HFL_IMAGE_TAG=e2e), starts from nothing (no such
 containers, volumes or images) and removes what it made at the end.
 
 Marked `docker` and `slow` (`make test-fast` skips it). Without a Docker
@@ -50,7 +50,7 @@ AGGREGATOR = "127.0.0.1:7401"
 AUTHORITY = "aggregator.hfl.internal"
 ENV = {
     **{k: v for k, v in os.environ.items() if not k.startswith(("HFL_", "COMPOSE_"))},
-    "HFL_PROJECT": PROJECT,
+    "HFL_COMPOSE_PROJECT": PROJECT,
     "HFL_IMAGE_TAG": TAG,
     "HFL_ROUNDS": str(ROUNDS),
     "HFL_GRAFANA": "0",
