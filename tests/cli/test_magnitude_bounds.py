@@ -14,8 +14,8 @@ from hfl_common.config import parse_plan
 
 def test_the_bounds_follow_the_initial_models_norm_and_the_number_of_trainers() -> None:
     bounds = magnitude_bounds(6.5, 4)
-    assert bounds.max_norm == pytest.approx(13.0)
-    assert bounds.max_aggregate_norm == pytest.approx(10 * 2 * 13.0)
+    assert bounds.max_norm == pytest.approx(65.0)
+    assert bounds.max_aggregate_norm == pytest.approx(10 * 2 * 65.0)
     # a model of (almost) zeros still gets a usable bound
     assert magnitude_bounds(0.0, 1).max_norm == pytest.approx(1.0)
 
@@ -31,7 +31,7 @@ def test_a_generated_plan_bounds_updates_and_aggregates(tmp_path: Path) -> None:
     with np.load(prepared.directory / "initial_weights.npz", allow_pickle=False) as npz:
         norm = weights_norm({k: npz[k] for k in npz.files})
     assert norm > 0
-    assert plan.update.max_norm == pytest.approx(2 * norm, rel=1e-5)
+    assert plan.update.max_norm == pytest.approx(10 * norm, rel=1e-5)
     assert plan.update.max_aggregate_norm == pytest.approx(
         10 * math.sqrt(3) * plan.update.max_norm, rel=1e-5
     )

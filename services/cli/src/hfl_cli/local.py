@@ -191,7 +191,7 @@ def policy_toml(
 # initial model's L2 norm; the aggregate by AGGREGATE_HEADROOM * sqrt(trainers) times
 # that (coordinate-wise rules can reach sqrt(n) times the largest update, server
 # momentum 1 / (1 - 0.9) = 10 times one step).
-UPDATE_NORM_FACTOR = 2.0
+UPDATE_NORM_FACTOR = 10.0
 AGGREGATE_HEADROOM = 10.0
 MIN_UPDATE_NORM = 1.0
 
