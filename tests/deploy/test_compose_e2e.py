@@ -169,8 +169,17 @@ class Deployment:
             timeout=60, check=False,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
-        status: dict[str, Any] = json.loads(proc.stdout)
+        status: dict[str, Any] = json.loads(proc.stdout, object_hook=_short_states)
         return status
+
+
+def _short_states(obj: dict[str, Any]) -> dict[str, Any]:
+    """hfl.v1 states are enums (FEDERATION_STATE_DONE, ROUND_STATE_COMPLETED, ...), which
+    grpcurl prints by name: keep the word after the enum's prefix, lower-case ("done")."""
+    state = obj.get("state")
+    if isinstance(state, str) and "_STATE_" in state:
+        obj["state"] = state.split("_STATE_", 1)[1].lower()
+    return obj
 
 
 def grpcurl_binary() -> str:
