@@ -347,12 +347,14 @@ class RoundEngine:
                 record = self._registry.touch(session_id, caller, self._clock())
                 task = self._task_for(record.trainer_id)
                 if (
-                    task.kind is TaskKind.TRAIN
+                    task.kind in (TaskKind.TRAIN, TaskKind.EVALUATE)
                     and not self._async
                     and self._writer.enabled
                     and task.model_version > self._settled_version
                 ):
-                    # Its checkpoint is being sealed (after the lock was released).
+                    # Its checkpoint is being sealed (after the lock was released): no
+                    # trainer may see a version a crash now would take back (the
+                    # trainers' rollback check would then refuse the restarted aggregator).
                     task = Task("", TaskKind.WAIT, task.round, self._version, message="sealing")
                 remaining = end - self._clock()
                 if (
