@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import time
 import types
 import urllib.request
@@ -93,6 +94,25 @@ def test_a_sitecustomize_outside_the_standard_library_is_refused(tmp_path: Path)
     with pytest.raises(ConfigError, match=r"a sitecustomize module \(.*\) was loaded at start"):
         check_no_code_injection(environ={}, modules={"sitecustomize": planted})
     check_no_code_injection(environ={}, modules={})  # a clean start passes
+
+
+def test_the_distributions_sitecustomize_symlinked_from_the_standard_library_is_accepted(
+    tmp_path: Path,
+) -> None:
+    # Debian's python3.11 ships /usr/lib/python3.11/sitecustomize.py as a symlink to
+    # /etc/python3.11/sitecustomize.py: loaded from the standard library, so accepted;
+    # the same file loaded from elsewhere is still refused.
+    target = tmp_path / "etc" / "sitecustomize.py"
+    target.parent.mkdir()
+    target.write_text("# distribution default\n")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    shipped = types.ModuleType("sitecustomize")
+    shipped.__file__ = str(stdlib / "sitecustomize.py")
+    check_no_code_injection(environ={}, modules={"sitecustomize": shipped})
+    elsewhere = types.ModuleType("sitecustomize")
+    elsewhere.__file__ = str(target)
+    with pytest.raises(ConfigError, match=r"a sitecustomize module"):
+        check_no_code_injection(environ={}, modules={"sitecustomize": elsewhere})
 
 
 @pytest.mark.slow

@@ -23,7 +23,9 @@ not cover code that runs *besides* the measured files:
 The last group is cheap to do by accident, so `check_no_code_injection` refuses to start
 a simulated service when one is visible at start: PYTHONPATH (or PYTHONSTARTUP,
 PYTHONINSPECT, PYTHONHOME) set, or a ``sitecustomize``/``usercustomize`` loaded from
-anywhere but the interpreter's own standard library directory. It is a guard against
+anywhere but the interpreter's own standard library directory (judged by the directory
+it was loaded from: Debian's ``/usr/lib/python3.X/sitecustomize.py`` is a symlink into
+``/etc``, a root-owned system file like the rest of the standard library). It is a guard against
 mistakes and a loud signal, not a defence: in SGX, Gramine measures the interpreter, the
 libraries and the manifest (with its fixed PYTHONPATH) into MRENCLAVE, and that is the
 defence. docs/security.md says the same.
@@ -184,9 +186,17 @@ def check_no_code_injection(
         origin = getattr(module, "__file__", None) if module is not None else None
         if module is None:
             continue
-        if origin is None or stdlib not in Path(origin).resolve().parents:
+        if origin is None or not _in_directory(Path(origin), stdlib):
             raise ConfigError(
                 f"a {name} module ({origin or 'without a file'}) was loaded at start: it "
                 "runs code the simulated enclave identity does not measure; remove it "
                 "(docs/security.md, 'What the simulated identity measures')"
             )
+
+
+def _in_directory(path: Path, directory: Path) -> bool:
+    """Whether `path` was loaded from inside `directory`: the file's own directory is
+    resolved, the file itself is not (a symlink the distribution placed in the standard
+    library counts as the standard library's)."""
+    parent = path.absolute().parent.resolve()
+    return parent == directory or directory in parent.parents
