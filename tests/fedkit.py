@@ -512,11 +512,13 @@ class TestTrainer:
         num_examples: int = 100,
         isv_svn: int = 1,
         identity: EnclaveIdentity | None = None,
+        role: str = "trainer",
     ) -> TestTrainer:
         """A trainer with a federation certificate; raises what obtain_certificate raises
-        (PermissionDeniedError when the policy refuses `identity`)."""
+        (PermissionDeniedError when the policy refuses `identity`). `role="relay"` makes a
+        hand-driven relay (its certificate names role relay)."""
         state = files.directory / "trainers" / label
-        enclave = Enclave.open(files.enclave_options("trainer", state, isv_svn), None)
+        enclave = Enclave.open(files.enclave_options(role, state, isv_svn), None)
         if identity is None:
             credentials, renewer, pinned = enclave.attest(attestation_target, label)
             closers: tuple[Callable[[], None], ...] = (renewer.stop, pinned.close)
@@ -524,7 +526,7 @@ class TestTrainer:
             with bootstrap_attestation_service(attestation_target, enclave.verifier) as pin:
                 key = EnclaveKey.generate()
                 provider = SimulatedProvider(files.platform(), identity)
-                issued = obtain_certificate(pin, key, provider, "trainer", label)
+                issued = obtain_certificate(pin, key, provider, role, label)
             credentials = ServiceCredentials(key, issued)
             closers = ()
         return cls(
@@ -543,14 +545,20 @@ class TestTrainer:
             raise RuntimeError(f"{self.label}: connect() to the aggregator first")
         return self._stub
 
-    def connect(self, target: str, plan: FederationPlan | Path) -> TestTrainer:
-        """Verify the aggregator at `target` (its quote, and its plan hash = `plan`'s)."""
+    def connect(
+        self,
+        target: str,
+        plan: FederationPlan | Path,
+        roles: str | tuple[str, ...] = "aggregator",
+    ) -> TestTrainer:
+        """Verify the aggregator at `target` (its quote, and its plan hash = `plan`'s);
+        `roles=("aggregator", "relay")` accepts a relay too, as the trainer does."""
         loaded = load_plan(plan) if isinstance(plan, Path) else plan
         channel = connect_verified(
             target,
             self.credentials,
             self.verifier,
-            "aggregator",
+            roles,
             expected_user_data=loaded.sha256,
         )
         if self.channel is not None:

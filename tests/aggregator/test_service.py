@@ -399,7 +399,7 @@ def test_operator_may_read_status_but_not_join(
     federation.assert_refused(
         lambda: operator.stub.Join(request, timeout=10),
         grpc.StatusCode.PERMISSION_DENIED,
-        "role operator may not call /hfl.v1.AggregatorService/Join; allowed: trainer",
+        "role operator may not call /hfl.v1.AggregatorService/Join; allowed: relay, trainer",
     )
     assert len(federation.aggregator.engine.snapshot().trainers) == 2
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry
 
@@ -31,11 +32,12 @@ from hfl_aggregator.collect import RoundCollector
 from hfl_aggregator.engine import RoundEngine
 from hfl_aggregator.engine.journal import UpdateJournal
 from hfl_aggregator.metrics import AggregatorMetrics
+from hfl_aggregator.relay import RelayStrategy, Uplink, group_guard, relay_engine_plan
 from hfl_aggregator.service import ALLOWED_ROLES, SERVICE_NAME, AggregatorServicer
-from hfl_aggregator.strategies import make_strategy
+from hfl_aggregator.strategies import Strategy, make_strategy
 from hfl_aggregator.strategies.central_dp import private_strategy
 from hfl_common.api import aggregator_pb2_grpc
-from hfl_common.attest_client import AttestedRoleAuthorizer
+from hfl_common.attest_client import AttestedRoleAuthorizer, connect_verified
 from hfl_common.codec import specs_of
 from hfl_common.config import FederationPlan, load_plan
 from hfl_common.errors import ConfigError
@@ -74,6 +76,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", type=Path, required=True, help="the federation plan (TOML)")
     p.add_argument("--attestation", default="127.0.0.1:7400", help="attestation service")
     p.add_argument("--label", default="aggregator")
+    p.add_argument(
+        "--relay-upstream", default=None, metavar="HOST:PORT",
+        help="run as a relay (role relay): serve a group of trainers and take part in the "
+        "root aggregator's rounds at HOST:PORT as one participant (the plan needs [relays])",
+    )  # fmt: skip
     p.add_argument("--upload-slots", type=int, default=1, help="uploads decoded at once")
     p.add_argument(
         "--max-workers", type=int, default=DEFAULT_MAX_WORKERS,
@@ -125,8 +132,15 @@ class AggregatorConfig:
     header_timeout_seconds: float = 10.0
     tick_seconds: float = TICK_SECONDS
     grace_seconds: float = 10.0
+    # HOST:PORT of the root aggregator: this aggregator is a relay (hfl_aggregator.relay).
+    relay_upstream: str | None = None
 
     def __post_init__(self) -> None:
+        if self.relay_upstream is not None and self.enclave.role != "relay":
+            raise ConfigError(
+                f"--relay-upstream runs a relay, whose enclave role is 'relay', not "
+                f"{self.enclave.role!r}"
+            )
         if self.upload_slots < 1:
             raise ConfigError(f"--upload-slots {self.upload_slots} must be at least 1")
         if self.tick_seconds <= 0:
@@ -139,7 +153,8 @@ class AggregatorConfig:
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> AggregatorConfig:
         return cls(
-            enclave=EnclaveOptions.from_args("aggregator", ns),
+            enclave=EnclaveOptions.from_args("relay" if ns.relay_upstream else "aggregator", ns),
+            relay_upstream=ns.relay_upstream,
             plan_path=ns.plan,
             attestation=ns.attestation,
             label=ns.label,
@@ -162,6 +177,8 @@ class RunningAggregator:
     host: str
     # 0 when no metrics HTTP server was asked for
     metrics_port: int
+    # A relay's participation in its root's federation (None: not a relay).
+    uplink: Uplink | None = None
 
     @property
     def port(self) -> int:
@@ -197,19 +214,40 @@ def build_aggregator(config: AggregatorConfig, registry: CollectorRegistry) -> R
         undo.callback(renewer.stop)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         metrics = AggregatorMetrics.create(registry)
-        strategy = private_strategy(
+        strategy: Strategy = private_strategy(
             make_strategy(plan.strategy.name, plan.strategy.params, plan.model.non_trainable), plan
         )
+        engine_plan = plan
+        uplink: Uplink | None = None
+        if config.relay_upstream is not None:
+            engine_plan = relay_engine_plan(plan)
+            upstream = config.relay_upstream
+
+            def connect_root() -> grpc.Channel:
+                # Re-verifies the root on every (re)connection, plan hash included.
+                return connect_verified(
+                    upstream,
+                    credentials,
+                    enclave.verifier,
+                    "aggregator",
+                    expected_user_data=plan.sha256,
+                )
+
+            uplink = Uplink(plan, connect_root, specs_of(weights), label=config.label)
+            strategy = RelayStrategy(strategy, uplink)
         spill = config.state_dir / "spill"
         engine = RoundEngine(
-            plan,
+            engine_plan,
             strategy,
             weights,
             metrics,
             checkpoints=CheckpointStore(config.state_dir, enclave.sealing),
             collector_factory=lambda s, w: RoundCollector.for_strategy(s, w, spill),
             journal=UpdateJournal(config.state_dir / "journal", enclave.sealing),
+            aggregate_in_background=uplink is not None,
         )
+        if uplink is not None:
+            uplink.bind(engine)
         peers = enclave.peer_verifier()
 
         def mrenclave_of(peer: PeerIdentity) -> str:
@@ -229,6 +267,11 @@ def build_aggregator(config: AggregatorConfig, registry: CollectorRegistry) -> R
             tee_simulated=config.enclave.tee == "simulated",
             upload_slots=config.upload_slots,
             header_timeout_seconds=config.header_timeout_seconds,
+            join_guard=(
+                group_guard(engine, plan.relays.max_group_size)
+                if uplink is not None and plan.relays is not None
+                else None
+            ),
         )
         host, port = split_listen(config.listen)
         server = build_server(
@@ -271,6 +314,9 @@ def build_aggregator(config: AggregatorConfig, registry: CollectorRegistry) -> R
     server.add_shutdown_hook(renewer.stop)
     server.add_shutdown_hook(stop.set)
     server.add_drain_hook(engine.close)
+    if uplink is not None:
+        server.add_shutdown_hook(uplink.stop)
+        uplink.start()
     server.set_serving(True)
     return RunningAggregator(
         server=server,
@@ -280,6 +326,7 @@ def build_aggregator(config: AggregatorConfig, registry: CollectorRegistry) -> R
         registry=registry,
         host=host,
         metrics_port=metrics_port,
+        uplink=uplink,
     )
 
 
@@ -292,7 +339,8 @@ def _main(argv: Sequence[str] | None) -> int:
     write_port_file(ns.port_file, aggregator.port, aggregator.metrics_port)
     plan = aggregator.plan
     log.info(
-        "aggregator serving on %s:%d (metrics :%d); plan %s, %d rounds of %s",
+        "%s serving on %s:%d (metrics :%d); plan %s, %d rounds of %s",
+        "relay" if config.relay_upstream else "aggregator",
         aggregator.host,
         aggregator.port,
         aggregator.metrics_port,

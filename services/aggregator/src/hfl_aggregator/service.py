@@ -45,6 +45,7 @@ from hfl_common.errors import (
     FailedPreconditionError,
     HflError,
     InvalidArgumentError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     StreamError,
     UnauthenticatedError,
@@ -104,8 +105,9 @@ _ENCODINGS = {
 }
 
 # Methods and the roles that may call them: the aggregator's authorization table.
+# A relay (hfl_aggregator.relay) takes part in the root's rounds as one participant.
 ALLOWED_ROLES: dict[str, frozenset[str]] = {
-    f"/{SERVICE_NAME}/{m}": frozenset({"trainer"})
+    f"/{SERVICE_NAME}/{m}": frozenset({"trainer", "relay"})
     for m in (
         "Join",
         "GetTask",
@@ -138,8 +140,11 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         chunk_bytes: int = 1 << 20,
         upload_slots: int = 1,
         header_timeout_seconds: float = 10.0,
+        join_guard: Callable[[PeerIdentity], None] | None = None,
     ) -> None:
         self._engine = engine
+        # A relay refuses trainers beyond its plan's group size (hfl_aggregator.relay).
+        self._join_guard = join_guard
         self._plan = plan
         self._metrics = metrics
         self._spec = list(model_spec)
@@ -167,6 +172,14 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         peer = current_peer()
         caller = _caller()
         check_specs(self._spec, list(request.model_spec), "trainer model vs the plan's model")
+        if peer.role == "relay" and self._plan.relays is None:
+            raise PermissionDeniedError(
+                "a relay cannot join: this federation's plan has no [relays] table, so its "
+                "rounds are not meant to take partial aggregates",
+                "no_relays",
+            )
+        if self._join_guard is not None:
+            self._join_guard(peer)
         self._simulated[caller] = self._simulated_of(peer)
         session = self._engine.join(
             caller,
@@ -303,6 +316,26 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
             raise InvalidArgumentError(
                 f"update kind {h.kind} is not GRADIENT or DELTA", "wrong_kind"
             )
+        relays = self._plan.relays
+        if relays is not None:
+            # The weight an update claims is bounded (config.RelayPlan): a relay's by its
+            # group size times a trainer's bound.
+            relay = current_peer().role == "relay"
+            bound = relays.max_relay_examples if relay else relays.max_examples_per_trainer
+            if h.num_examples > bound:
+                exc = InvalidArgumentError(
+                    f"update claims {h.num_examples} examples; the plan's [relays] bound for "
+                    f"a {'relay' if relay else 'trainer'} is {bound}"
+                    + (
+                        f" ({relays.max_group_size} trainers x "
+                        f"{relays.max_examples_per_trainer} examples)"
+                        if relay
+                        else ""
+                    ),
+                    "too_many_examples",
+                )
+                self._engine.refuse(caller, exc)
+                raise exc
         return self._engine.check_update(
             UpdateMeta(
                 session_id=h.session_id,

@@ -34,9 +34,10 @@ from hfl_common.strategy_registry import (
     check_central_dp,
     check_mode,
     resolve_params,
+    strategy_spec,
 )
 
-ROLES = ("attestation", "aggregator", "trainer")
+ROLES = ("attestation", "aggregator", "trainer", "relay")
 
 # The strategy names, parameters and defaults: hfl_common.strategy_registry.
 STRATEGIES = STRATEGY_NAMES
@@ -391,6 +392,79 @@ class ExportPlan:
 
 
 @dataclass(frozen=True)
+class RelayPlan:
+    """A tiered federation (`[relays]`): relays serve groups of trainers under the root.
+
+    The root runs the plan's [federation] thresholds over its participants (the relays,
+    and any trainer joining it directly); each relay runs `group_min_trainers` /
+    `group_min_updates` over its own group, with every live trainer of the group in each
+    round. An update may claim at most `max_examples_per_trainer` examples, and a relay's
+    partial aggregate at most `max_group_size` times that: the root refuses more, so a
+    relay cannot outweigh the trainers it could really have behind it.
+    """
+
+    group_min_trainers: int
+    group_min_updates: int
+    max_group_size: int
+    max_examples_per_trainer: int
+
+    @property
+    def max_relay_examples(self) -> int:
+        """The largest example count a relay's partial aggregate may carry."""
+        return self.max_group_size * self.max_examples_per_trainer
+
+
+# Why only mean-type strategies run over relays (docs/architecture.md, "Relays").
+RELAY_STRATEGY_NOTE = (
+    "a relay forwards the weighted mean of its group's updates, and the weighted mean of "
+    "weighted means is the mean of them all, so FedAvg-family rules give the flat "
+    "federation's model; a robust rule at the root would see one mean per relay (its "
+    "median or Krum is not the rule over the trainers), and one per relay would be "
+    "averaged again at the root"
+)
+
+
+def _parse_relays(r: _Table, *, strategy: str, mode: str, privacy_mode: str) -> RelayPlan | None:
+    if not r.data:
+        return None
+    group_min = r.get_int("group_min_trainers", lo=1)
+    group_updates = r.get_int("group_min_updates", default=group_min, lo=1)
+    if group_updates > group_min:
+        raise r.error(
+            "group_min_updates",
+            f"({group_updates}) cannot exceed group_min_trainers ({group_min})",
+        )
+    max_group = r.get_int("max_group_size", lo=1)
+    if max_group < group_min:
+        raise r.error(
+            "max_group_size", f"({max_group}) cannot be below group_min_trainers ({group_min})"
+        )
+    per_trainer = r.get_int("max_examples_per_trainer", lo=1)
+    r.finish()
+    if mode != "sync":
+        raise r.error(
+            "group_min_trainers",
+            'relays need federation.mode = "sync": a relay forwards one partial aggregate '
+            "per round of the root",
+        )
+    if not strategy_spec(strategy).central_dp:
+        raise r.error(
+            "group_min_trainers",
+            f"relays cannot run strategy {strategy!r}: {RELAY_STRATEGY_NOTE}; use one of "
+            + ", ".join(central_dp_strategies()),
+        )
+    if privacy_mode == "central":
+        raise r.error(
+            "group_min_trainers",
+            "relays cannot run with central DP: the root would clip and noise per relay "
+            "aggregate, and its epsilon would be about relays, not trainers; use client-side "
+            "DP ([privacy] clip_norm and noise_multiplier), which the trainers apply before "
+            "anything leaves them (docs/privacy.md)",
+        )
+    return RelayPlan(group_min, group_updates, max_group, per_trainer)
+
+
+@dataclass(frozen=True)
 class TrainingPlan:
     local_epochs: int
     local_steps: int
@@ -524,6 +598,8 @@ class FederationPlan:
     # The voting unit is the party: at most this many of its trainers are active.
     max_trainers_per_party: int = 1
     export: ExportPlan = field(default_factory=ExportPlan)
+    # A tiered federation's relays; None: trainers report to the root directly.
+    relays: RelayPlan | None = None
 
     @property
     def update_kind(self) -> str:
@@ -662,6 +738,9 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
     receivers = e.str_list("receivers") if "receivers" in e.data else ("*",)
     export = ExportPlan(receivers=receivers)
     e.finish()
+    relays = _parse_relays(
+        top.table("relays"), strategy=strategy_name, mode=mode, privacy_mode=privacy.mode
+    )
     top.finish()
 
     model_canonical: dict[str, Any] = {
@@ -713,6 +792,8 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
         canonical["async"] = asynchronous.__dict__
     if export.receivers != ("*",):
         canonical["export"] = {"receivers": list(export.receivers)}
+    if relays is not None:
+        canonical["relays"] = relays.__dict__
     return FederationPlan(
         name=name,
         rounds=rounds,
@@ -750,6 +831,7 @@ def parse_plan(text: str, source: str = "plan", base_dir: Path | None = None) ->
         liveness_seconds=liveness,
         max_trainers_per_party=per_party,
         export=export,
+        relays=relays,
     )
 
 

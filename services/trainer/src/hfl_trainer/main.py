@@ -282,7 +282,8 @@ def build_trainer(config: TrainerConfig, registry: CollectorRegistry) -> Running
             config.aggregator,
             credentials,
             enclave.verifier,
-            "aggregator",
+            # A relay serves its group exactly as the aggregator does (docs/architecture.md).
+            ("aggregator", "relay"),
             expected_user_data=plan.sha256,
             on_verdict=status.record_aggregator,
         )

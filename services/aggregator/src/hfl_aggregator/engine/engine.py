@@ -116,8 +116,12 @@ class RoundEngine:
         clock: Callable[[], float] = time.time,
         collector_factory: Callable[[Strategy, Weights], RoundCollector] | None = None,
         journal: UpdateJournal | None = None,
+        aggregate_in_background: bool = False,
     ) -> None:
         self.plan = plan
+        # A relay's aggregation waits for the root's round (hfl_aggregator.relay): it then
+        # runs on its own thread, so the last trainer's upload is answered at once.
+        self._aggregate_in_background = aggregate_in_background
         self.strategy = strategy
         self.metrics = metrics
         self._clock = clock
@@ -527,7 +531,11 @@ class RoundEngine:
         self._write(pending)
         if finish_eval:
             self._checkpoint_async()
-        if closing is not None:
+        if closing is not None and self._aggregate_in_background:
+            threading.Thread(
+                target=self._aggregate, args=(closing,), name="hfl-aggregate", daemon=True
+            ).start()
+        elif closing is not None:
             self._aggregate(closing)
 
     def _check_training(self, r: SyncRound, now: float) -> SyncRound | None:
@@ -725,7 +733,11 @@ class RoundEngine:
                 closing = self._begin_aggregation()
             self._cond.notify_all()
             result = Accepted(r.round, r.base_version)
-        if closing is not None and self._aggregate(closing):
+        if closing is not None and self._aggregate_in_background:
+            threading.Thread(
+                target=self._aggregate, args=(closing,), name="hfl-aggregate", daemon=True
+            ).start()
+        elif closing is not None and self._aggregate(closing):
             with self._cond:
                 return replace(result, applied_version=self._version_of_round(closing.round))
         return result
@@ -829,6 +841,46 @@ class RoundEngine:
                 self._phase = Phase.EVALUATING
             else:
                 self._end_round()
+            pending = self._take_checkpoint()
+            self._cond.notify_all()
+        self._write(pending)
+        return True
+
+    def adopt(self, version: int, weights: Weights) -> bool:
+        """Install a newer model made elsewhere (a relay catching up with its root).
+
+        Synchronous mode only, where model version v is the model after round v. Whatever
+        round is running here is abandoned (its updates are refused as stale and its
+        trainers get the new model's task); refused (False) while a round is being
+        aggregated, or when `version` is not newer. The state is sealed like a round's.
+        """
+        if set(weights) != set(self._spec):
+            raise InvalidArgumentError(
+                f"adopted model has tensors {sorted(weights)}, the plan's model has "
+                f"{sorted(self._spec)}"
+            )
+        with self._cond:
+            if (
+                self._async
+                or version <= self._version
+                or self._phase in (Phase.AGGREGATING, Phase.FAILED)
+            ):
+                return False
+            r = self._round
+            if r is not None and self._phase is Phase.TRAINING and not r.folding:
+                r.collector.close()
+            self._round = None
+            self._weights = dict(weights)
+            self._version = version
+            self._completed = min(version, self.plan.rounds)
+            self.metrics.model_version.set(version)
+            log.info("adopted model version %d from upstream", version)
+            if self._completed >= self.plan.rounds:
+                self._phase = Phase.DONE
+                self.metrics.federation_done.set(1)
+            else:
+                self._phase = Phase.WAITING
+                self._maybe_start_round(self._clock())
             pending = self._take_checkpoint()
             self._cond.notify_all()
         self._write(pending)

@@ -20,7 +20,7 @@ logger = logging.getLogger("hfl_common.attest_client")
 ATTESTATION_ROLE = "attestation"
 OPERATOR_ROLE = "operator"
 TRAINER_ROLE = "trainer"
-ENCLAVE_ROLES = ("attestation", "aggregator", "trainer")
+ENCLAVE_ROLES = ("attestation", "aggregator", "trainer", "relay")
 
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
@@ -37,6 +37,7 @@ _PROTO_BY_ROLE: Mapping[str, attestation_pb2.Role] = {
     "aggregator": attestation_pb2.ROLE_AGGREGATOR,
     "trainer": attestation_pb2.ROLE_TRAINER,
     "operator": attestation_pb2.ROLE_OPERATOR,
+    "relay": attestation_pb2.ROLE_RELAY,
 }
 _ROLE_BY_PROTO: Mapping[int, str] = {int(value): name for name, value in _PROTO_BY_ROLE.items()}
 
@@ -50,7 +51,7 @@ def role_name(role: int) -> str:
     if name is None:
         raise InvalidArgumentError(
             f"role {role} is not one of ROLE_ATTESTATION, ROLE_AGGREGATOR, ROLE_TRAINER, "
-            "ROLE_OPERATOR"
+            "ROLE_OPERATOR, ROLE_RELAY"
         )
     return name
 

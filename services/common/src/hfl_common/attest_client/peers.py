@@ -161,7 +161,7 @@ def connect_verified(
     target: str,
     credentials: ServiceCredentials,
     verifier: QuoteVerifier,
-    role: str,
+    role: str | tuple[str, ...],
     *,
     expected_user_data: bytes | None = None,
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
@@ -171,7 +171,8 @@ def connect_verified(
     """A channel to `target` after re-verifying the server's attested certificate.
 
     Reads the server's certificate (presenting ours, as mTLS peers require), checks it
-    was issued by our federation CA and names `role`, verifies its quote for `role`
+    was issued by our federation CA and names `role` (or one of a tuple of roles: a
+    trainer accepts the aggregator or a relay), verifies its quote for that role
     bound to its key, and, when `expected_user_data` is given, that report_data[32:64]
     equals it (zero-padded; the trainer passes its plan hash). The channel then trusts
     the federation CA and checks the key-pinned name of that certificate's key, so it
@@ -183,15 +184,19 @@ def connect_verified(
     der = fetch_server_certificate(
         host, port, client_cert_pem=cert_pem, client_key_pem=key_pem, timeout=timeout
     )
-    who = f"{role} at {target}"
+    roles = (role,) if isinstance(role, str) else role
+    who = f"{' or '.join(roles)} at {target}"
     ca = x509.load_pem_x509_certificates(credentials.current.ca_pem)[0]
     cert = _parse_or_refuse(der, who, issuer=ca)
     peer = PeerIdentity.from_pem(cert.pem, target)
-    if peer.role != role:
+    if peer.role not in roles:
         raise PermissionDeniedError(
-            f"{who} refused: its certificate is for role {peer.role or 'none'}, not {role}",
+            f"{who} refused: its certificate is for role {peer.role or 'none'}, not "
+            f"{' or '.join(roles)}",
             "role_mismatch",
         )
+    role = peer.role
+    who = f"{role} at {target}"
     verdict = verify_ra_tls_certificate(cert, verifier, role)
     if not verdict.accepted or verdict.measurements is None:
         raise _refused(who, verdict)

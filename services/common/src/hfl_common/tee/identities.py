@@ -30,6 +30,8 @@ SERVICE_PACKAGES = {
     "attestation": "hfl_attestation",
     "aggregator": "hfl_aggregator",
     "trainer": "hfl_trainer",
+    # A relay is the aggregator's code started with --relay-upstream (docs/architecture.md).
+    "relay": "hfl_aggregator",
 }
 
 

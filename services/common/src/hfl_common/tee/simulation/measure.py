@@ -50,7 +50,10 @@ if TYPE_CHECKING:
     from hfl_common.tee.simulation.platform import SimulatedPlatform
 
 # Convention of this project (not an SGX rule): the ISV_PROD_ID of each role.
-ROLE_ISV_PROD_ID: dict[str, int] = {"attestation": 1, "aggregator": 2, "trainer": 3}
+# A relay runs the aggregator's code (`hfl-aggregator --relay-upstream`), so in simulation
+# it has the aggregator's MRENCLAVE; its own ISV_PROD_ID (and, in SGX, its own manifest and
+# signature) is what tells the two roles apart.
+ROLE_ISV_PROD_ID: dict[str, int] = {"attestation": 1, "aggregator": 2, "trainer": 3, "relay": 4}
 
 # Environment variables that make the interpreter run or find code the identity does not
 # measure.

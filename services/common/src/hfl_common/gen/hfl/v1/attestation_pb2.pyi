@@ -17,11 +17,13 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_AGGREGATOR: _ClassVar[Role]
     ROLE_TRAINER: _ClassVar[Role]
     ROLE_OPERATOR: _ClassVar[Role]
+    ROLE_RELAY: _ClassVar[Role]
 ROLE_UNSPECIFIED: Role
 ROLE_ATTESTATION: Role
 ROLE_AGGREGATOR: Role
 ROLE_TRAINER: Role
 ROLE_OPERATOR: Role
+ROLE_RELAY: Role
 
 class Evidence(_message.Message):
     __slots__ = ("sgx_quote", "ra_tls_certificate")
