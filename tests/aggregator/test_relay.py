@@ -355,3 +355,103 @@ def test_plan_with_relays_keeps_its_thresholds_and_hash_in_the_relay_engine() ->
     assert parse_plan(_plan_text() + relays_table(3, 5, 71)).sha256 != plan.sha256
     with pytest.raises(ConfigError, match=re.escape("needs a plan with a [relays] table")):
         relay_engine_plan(parse_plan(_plan_text()))
+
+
+@pytest.mark.slow
+def test_a_relay_dying_mid_round_costs_its_group_that_round_and_resumes_from_its_seal(
+    files: fedkit.FederationFiles,
+    attestation: RunningAttestationService,
+    trainers: dict[str, fedkit.TestTrainer],
+    tmp_path: Path,
+) -> None:
+    template = dict(files.weights)
+    spec = fedkit.PlanSpec(
+        rounds=3,
+        min_trainers=2,
+        min_updates=1,
+        evaluate_every=10,
+        liveness_seconds=4,
+        round_timeout_seconds=30,
+    )
+    plan = write_plan(files, spec, relays_table())
+    root = fedkit.start_aggregator(files, plan, tmp_path / "root", attestation.target)
+    relay_a = start_relay(files, plan, tmp_path / "relay-a", attestation.target, root.target, "a")
+    relay_b = start_relay(files, plan, tmp_path / "relay-b", attestation.target, root.target, "b")
+    current_b = {"relay": relay_b}
+    b_restarted = threading.Event()
+    errors: list[BaseException] = []
+
+    def run(label: str, relay: dict[str, RunningAggregator], hold_round: int) -> None:
+        trainer = trainers[label]
+        try:
+            trainer.connect(relay["relay"].target, plan, ("aggregator", "relay")).join()
+            while True:
+                try:
+                    task = trainer.get_task(2)
+                except grpc.RpcError:
+                    # The relay died: come back to its restarted instance.
+                    assert b_restarted.wait(RELAY_TIMEOUT), "relay b was not restarted"
+                    trainer.connect(current_b["relay"].target, plan, ("aggregator", "relay"))
+                    trainer.join()
+                    continue
+                if task.kind == aggregator_pb2.TASK_KIND_DONE:
+                    return
+                if task.kind == aggregator_pb2.TASK_KIND_EVALUATE:
+                    trainer.report_eval(task)
+                elif task.kind == aggregator_pb2.TASK_KIND_TRAIN:
+                    if task.round == hold_round and not b_restarted.is_set():
+                        # b2 never sends its round-2 update: its relay dies first.
+                        b_restarted.wait(RELAY_TIMEOUT)
+                        continue
+                    trainer.upload(update_for(label, task.round, template), task)
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+
+    holds = {"a1": 0, "a2": 0, "b1": 0, "b2": 2}
+    routes = {"a1": {"relay": relay_a}, "a2": {"relay": relay_a}, "b1": current_b, "b2": current_b}
+    threads = [
+        threading.Thread(target=run, args=(label, routes[label], holds[label]), daemon=True)
+        for label in holds
+    ]
+    restarted: RunningAggregator | None = None
+    try:
+        for t in threads:
+            t.start()
+
+        def b_has_half_of_round_two() -> bool:
+            snap = relay_b.engine.snapshot()
+            return any(r.round == 2 and r.updates == 1 for r in snap.rounds)
+
+        fedkit.wait_until(b_has_half_of_round_two, "b1's round-2 update at relay b", 60)
+        relay_b.stop(0)  # dies mid-round: b2's update never came
+        # The root closes round 2 with relay a alone once b is lost (liveness 4 s).
+        fedkit.wait_until(lambda: root.engine.model()[1] >= 2, "the root's round 2", 60)
+        restarted = start_relay(
+            files, plan, tmp_path / "relay-b", attestation.target, root.target, "b"
+        )
+        current_b["relay"] = restarted
+        b_restarted.set()
+        for t in threads:
+            t.join(RELAY_TIMEOUT * 2)
+        assert not errors, errors
+        root_version, root_weights = final_model(root)
+        b_version, b_weights = final_model(restarted)
+        assert root_version == b_version == 3
+        for name in root_weights:
+            assert np.array_equal(b_weights[name], root_weights[name])
+        rounds = root.engine.snapshot().rounds
+        assert [(r.round, r.updates) for r in rounds if r.state.value == "completed"] == [
+            (1, 2),
+            (2, 1),
+            (3, 2),
+        ]
+        # The restarted relay resumed from its sealed round 1, adopted the root's version 2
+        # (no round 2 of its own) and ran round 3 with its group.
+        b_rounds = [r.round for r in restarted.engine.snapshot().rounds if r.updates]
+        assert b_rounds == [1, 3], restarted.engine.snapshot().rounds
+    finally:
+        b_restarted.set()
+        for relay in (restarted, relay_a, relay_b):
+            if relay is not None:
+                relay.stop(0)
+        root.stop(0)
