@@ -264,6 +264,12 @@ def run_mode(
                     proc.wait()
         hwm = {tier: e2e.proc_status_kb(p.pid, "VmHWM") * 1024 for tier, p, _ in servers}
     reports = [json.loads(out.read_text()) for _, out in procs if out.exists()]
+    missing = [
+        f"worker {i} exited {proc.returncode} without a report: "
+        + (workdir / f"{name}.worker{i}.log").read_text(errors="replace")[-400:]
+        for i, (proc, out) in enumerate(procs)
+        if not out.exists()
+    ]
     events = [tuple(e) for r in reports for e in r["events"]]
     times = round_times(events, rounds)
     first_train = min((t for (_, w, r, t) in events if w == "task_train" and r == 1), default=0)
@@ -296,7 +302,7 @@ def run_mode(
         },
         "failed_trainers": trainers - len({e[0] for e in events if e[1] == "task_done"}),
         "retries": sum(r["retries"] for r in reports),
-        "errors": [e for r in reports for e in r["errors"]][:10],
+        "errors": (missing + [e for r in reports for e in r["errors"]])[:10],
         "timed_out": timed_out,
         "tensorflow_imported": any(r["tensorflow_imported"] for r in reports),
     }
@@ -351,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--note", default="", help="a sentence written under the table")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--only", choices=["flat", "tiered"], nargs="+", default=["tiered", "flat"])
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = p.parse_args(argv)
     if args.quick:
         args.trainers, args.relays, args.rounds, args.params, args.workers = 8, 2, 2, 10_000, 2
@@ -394,7 +401,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
                 (args.out / f"{stem}.md").write_text(markdown(doc))
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            log.info("work directory kept: %s", workdir)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     print(markdown(doc))
     return 0
 

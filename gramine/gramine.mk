@@ -16,7 +16,7 @@
 
 GRAMINE_ROOT ?= gramine
 GRAMINE_BUILD ?= build/gramine
-GRAMINE_SERVICES ?= attestation aggregator trainer
+GRAMINE_SERVICES ?= attestation aggregator trainer relay
 GRAMINE_LOG_LEVEL ?= error
 GRAMINE_ARCH_LIBDIR ?= /lib/x86_64-linux-gnu
 HFL_SGX_PYTHON ?= /usr/bin/python3.11

@@ -27,7 +27,10 @@ REPO = Path(__file__).resolve().parents[2]
 GRAMINE = REPO / "gramine"
 RUNTIMEDIR = "/usr/lib/x86_64-linux-gnu/gramine/runtime/glibc"
 SITE = "/opt/hfl/site"
-ROLES = {"attestation": 1, "aggregator": 2, "trainer": 3}
+ROLES = {"attestation": 1, "aggregator": 2, "trainer": 3, "relay": 4}
+# The Python package each role runs (a relay is the aggregator in relay mode).
+MODULES = {"attestation": "hfl_attestation", "aggregator": "hfl_aggregator",
+           "trainer": "hfl_trainer", "relay": "hfl_aggregator"}  # fmt: skip
 
 # The keys Gramine 1.8's manifest schema (python/graminelibos/manifest_check.py)
 # accepts in the sections these templates use; a typo or a pre-1.8 key name
@@ -211,7 +214,7 @@ def test_trusted_files_are_narrow(role: str) -> None:
 def test_argv_is_fixed_and_runs_the_service_module(role: str) -> None:
     loader = render(role)["loader"]
     argv = loader["argv"]
-    assert argv[:4] == ["/usr/bin/python3.11", "-P", "-m", f"hfl_{role}.main"]
+    assert argv[:4] == ["/usr/bin/python3.11", "-P", "-m", f"{MODULES[role]}.main"]
     assert argv[argv.index("--tee") + 1] == "gramine"
     assert argv[argv.index("--state-dir") + 1] == "/var/lib/hfl"
     assert argv[argv.index("--policy") + 1] == "/etc/hfl/policy.toml"
@@ -228,6 +231,7 @@ def test_argv_is_fixed_and_runs_the_service_module(role: str) -> None:
         "HFL_TRAINER_INDEX",
         "HFL_NUM_PARTITIONS",
         "HFL_PCCS_URL",
+        "HFL_RELAY_UPSTREAM",
     }
 
 
@@ -236,6 +240,8 @@ def test_only_the_trainer_gets_per_party_settings_from_the_host() -> None:
     passed = {role: {k for k, v in e.items() if isinstance(v, dict)} for role, e in env.items()}
     assert passed["attestation"] == {"HFL_PCCS_URL"}
     assert passed["aggregator"] == {"HFL_ATTESTATION", "HFL_PCCS_URL"}
+    # The relay: the aggregator's settings plus its root's address.
+    assert passed["relay"] == {"HFL_ATTESTATION", "HFL_PCCS_URL", "HFL_RELAY_UPSTREAM"}
     assert env["trainer"]["HFL_LABEL"] == {"passthrough": True}
     assert "/etc/hfl/plan.toml" in str(render("aggregator")["sgx"]["trusted_files"])
     assert "file:/data/" in render("trainer")["sgx"]["allowed_files"]
@@ -246,6 +252,7 @@ def test_only_the_trainer_gets_per_party_settings_from_the_host() -> None:
     [
         ("attestation", "1G", 64, False),
         ("aggregator", "4G", 64, False),
+        ("relay", "4G", 64, False),
         ("trainer", "8G", 96, True),
     ],
 )
@@ -496,5 +503,18 @@ def test_make_policy_writes_the_roles_tables_from_sig_files(tmp_path: Path) -> N
     assert roles["trainer"]["mrenclave"] == ["03" * 32]
     assert roles["attestation"]["isv_prod_id"] == 1
     assert roles["aggregator"]["min_isv_svn"] == 2
+    assert roles["relay"]["isv_prod_id"] == 4
     mrsigner_only = tomllib.loads((tmp_path / "policy-roles.mrsigner.toml").read_text())
     assert "mrenclave" not in mrsigner_only["roles"]["trainer"]
+
+
+def test_the_relay_manifest_is_the_aggregators_but_for_its_product_id_and_upstream() -> None:
+    aggregator, relay = render("aggregator"), render("relay")
+    assert aggregator["sgx"]["isvprodid"] == 2
+    assert relay["sgx"]["isvprodid"] == 4
+    assert relay["loader"]["argv"] == aggregator["loader"]["argv"]
+    assert relay["sgx"]["trusted_files"] == aggregator["sgx"]["trusted_files"]
+    assert relay["fs"] == aggregator["fs"]
+    extra = set(relay["loader"]["env"]) - set(aggregator["loader"]["env"])
+    assert extra == {"HFL_RELAY_UPSTREAM"}
+    assert "HFL_RELAY_UPSTREAM" not in aggregator["loader"]["env"]
