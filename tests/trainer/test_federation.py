@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from hfl_cli.local import PlanOptions
+from hfl_cli.run import service_args
 from hfl_common.api import aggregator_pb2
 from hfl_common.config import load_plan
 from tests.cli import clikit
@@ -159,3 +160,53 @@ def test_resnet50_takes_a_real_step_through_the_whole_path(tmp_path: Path) -> No
     plan = load_plan(workdir / "plan.toml")
     assert plan.model.name == "resnet50"
     assert clikit.processes_mentioning(str(workdir)) == []
+
+
+@pytest.mark.slow
+def test_real_trainers_train_through_a_relay_process_they_verify_like_the_aggregator(
+    tmp_path: Path,
+) -> None:
+    # One relay between two real (TensorFlow) trainers and the root, each its own process.
+    with clikit.LocalFederation.start(
+        tmp_path / "fed", PlanOptions(trainers=2, rounds=2), aggregator=False
+    ) as fed:
+        plan = fed.prepared.plan
+        text = plan.read_text()
+        assert "min_trainers = 2\n" in text
+        assert "min_updates = 2\n" in text
+        # The root's participant is the relay; the relay's group is the two trainers.
+        plan.write_text(
+            text.replace("min_trainers = 2\n", "min_trainers = 1\n").replace(
+                "min_updates = 2\n", "min_updates = 1\n"
+            )
+            + "\n[relays]\ngroup_min_trainers = 2\nmax_group_size = 2\n"
+            "max_examples_per_trainer = 100000\n"
+        )
+        fed.start_aggregator()
+        relay_args = [
+            *service_args(fed.prepared, "relay"),
+            "--plan", str(plan),
+            "--attestation", fed.attestation_target,
+            "--relay-upstream", fed.aggregator_target,
+            "--label", "relay-1",
+        ]  # fmt: skip
+        relay = fed.supervisor.start("relay", "hfl_aggregator.main", relay_args)
+        fed.supervisor.wait_ready(relay, clikit.START_TIMEOUT_SECONDS)
+        relay_target = f"127.0.0.1:{relay.grpc_port}"
+        trainers = [
+            fed.start_trainer(i, wait=False, extra=["--aggregator", relay_target]) for i in range(2)
+        ]
+        for trainer in trainers:
+            assert trainer.process.wait(timeout=300) == 0, fed.log_text(trainer)[-3000:]
+        status = fed.status()
+        assert status.state == aggregator_pb2.FEDERATION_STATE_DONE
+        assert status.model_version == 2
+        # The root saw one participant, the relay, carrying both trainers' examples.
+        assert [t.label for t in status.trainers] == ["relay-1"]
+        assert [r.updates for r in status.rounds] == [1, 1]
+        assert status.rounds[-1].eval_examples > 0
+        for trainer in trainers:
+            log = fed.log_text(trainer)
+            assert '"msg": "accepted relay quote (MRENCLAVE' in log, log[-3000:]
+            assert "federation done" in log
+        assert "relay joined the root" in fed.log_text(relay)
