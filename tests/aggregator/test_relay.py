@@ -403,7 +403,16 @@ def test_a_relay_dying_mid_round_costs_its_group_that_round_and_resumes_from_its
                         # b2 never sends its round-2 update: its relay dies first.
                         b_restarted.wait(RELAY_TIMEOUT)
                         continue
-                    trainer.upload(update_for(label, task.round, template), task)
+                    try:
+                        trainer.upload(update_for(label, task.round, template), task)
+                    except grpc.RpcError as err:
+                        # Overtaken (the relay caught up with the root meanwhile): as the
+                        # real client does, ask for the next task.
+                        if not isinstance(err, grpc.Call) or err.code() not in (
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                            grpc.StatusCode.ALREADY_EXISTS,
+                        ):
+                            raise
         except BaseException as exc:  # handed to the test thread
             errors.append(exc)
 
@@ -454,4 +463,45 @@ def test_a_relay_dying_mid_round_costs_its_group_that_round_and_resumes_from_its
         for relay in (restarted, relay_a, relay_b):
             if relay is not None:
                 relay.stop(0)
+        root.stop(0)
+
+
+@pytest.mark.slow
+def test_a_relay_refuses_trainers_beyond_its_group_and_updates_beyond_a_trainers_bound(
+    files: fedkit.FederationFiles,
+    attestation: RunningAttestationService,
+    trainers: dict[str, fedkit.TestTrainer],
+    tmp_path: Path,
+) -> None:
+    # Groups of at most 2 trainers, each claiming at most 300 examples.
+    plan = write_plan(files, fedkit.PlanSpec(rounds=1, min_trainers=1), relays_table(2, 2, 300))
+    root = fedkit.start_aggregator(files, plan, tmp_path / "root", attestation.target)
+    relay = start_relay(files, plan, tmp_path / "relay", attestation.target, root.target, "r")
+    try:
+        first, second, third = (trainers[label] for label in ("a1", "a2", "b1"))
+        for t in (first, second, third):
+            t.connect(relay.target, plan, ("aggregator", "relay"))
+        first.join()
+        second.join()
+        with fedkit.rpc_error() as caught:
+            third.join()
+        code, details = fedkit.code_and_details(caught)
+        assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_group_size is 2" in details
+        first.join()  # a member of the group may join again
+        task = first.wait_for_task(aggregator_pb2.TASK_KIND_TRAIN)
+        update = fedkit.constant_update(files.weights, 0.25)
+        with fedkit.rpc_error() as caught:
+            first.upload(update, task, num_examples=301)
+        code, details = fedkit.code_and_details(caught)
+        assert code is grpc.StatusCode.INVALID_ARGUMENT
+        assert "bound for a trainer is 300" in details
+        assert (
+            fedkit.metric_value(
+                relay.registry, "hfl_aggregator_updates_refused_total", reason="too_many_examples"
+            )
+            == 1
+        )
+    finally:
+        relay.stop(0)
         root.stop(0)

@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 Weights = dict[str, np.ndarray]
 
 _POLL_SECONDS = 10
+# How long a starting relay tries to reach the root before it serves its group anyway.
+START_SYNC_SECONDS = 10.0
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _ACTIVE = (
     aggregator_pb2.TASK_KIND_TRAIN,
@@ -171,6 +173,27 @@ class Uplink:
         self._engine = engine
 
     def start(self) -> None:
+        """Catch up with the root once (so a restarted relay does not start its group on
+        a version the root has left), then follow it on a thread."""
+        try:
+            self._join(give_up_after=START_SYNC_SECONDS)
+            task = self._call(
+                "ask the root for its state",
+                lambda s: s.GetTask(
+                    aggregator_pb2.GetTaskRequest(
+                        session_id=self._session, max_wait=Duration(seconds=0)
+                    ),
+                    timeout=15,
+                ),
+                START_SYNC_SECONDS,
+            ).task
+            if task.kind in _ACTIVE and task.model_version > self.engine.model()[1]:
+                got, weights = self._download(task.model_version)
+                self.engine.adopt(got, weights)
+        except (HflError, grpc.RpcError) as exc:
+            # Not fatal: the thread below joins (and catches up) when the root answers.
+            log.warning("relay could not reach the root at start (%s); will keep trying", exc)
+            self._session = ""
         self._thread = threading.Thread(target=self._run, name="hfl-relay-uplink", daemon=True)
         self._thread.start()
 
@@ -189,9 +212,13 @@ class Uplink:
     # ----------------------------------------------------------- plumbing
 
     def _call(
-        self, what: str, fn: Callable[[aggregator_pb2_grpc.AggregatorServiceStub], Any]
+        self,
+        what: str,
+        fn: Callable[[aggregator_pb2_grpc.AggregatorServiceStub], Any],
+        give_up_after: float | None = None,
     ) -> Any:
         """Run `fn` against the root, reconnecting (and re-attesting it) while unreachable."""
+        limit = self._give_up_after if give_up_after is None else give_up_after
         started = time.monotonic()
         delay = 0.2
         while True:
@@ -211,14 +238,14 @@ class Uplink:
                 failure = f"{code.name if code else 'error'}"
             except UnavailableError as err:
                 failure = str(err)
-            if time.monotonic() - started > self._give_up_after:
+            if time.monotonic() - started > limit:
                 raise UnavailableError(f"root unreachable while trying to {what}: {failure}")
             log.warning("relay: %s failed (%s); retrying in %.1f s", what, failure, delay)
             self._stub = None
             self._stop.wait(delay)
             delay = min(5.0, delay * 2)
 
-    def _join(self) -> None:
+    def _join(self, give_up_after: float | None = None) -> None:
         response = self._call(
             "join the root",
             lambda s: s.Join(
@@ -229,6 +256,7 @@ class Uplink:
                 ),
                 timeout=30,
             ),
+            give_up_after,
         )
         self._session = response.session_id
         log.info("relay joined the root as %s", response.trainer_id)

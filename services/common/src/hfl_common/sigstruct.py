@@ -69,7 +69,12 @@ SIGNED_BODY_SIZE = 128
 SGX_FLAGS_DEBUG = 0x2
 
 # sgx.isvprodid per role, as set in gramine/<role>.manifest.template.
-EXPECTED_ISV_PROD_ID: Mapping[str, int] = {"attestation": 1, "aggregator": 2, "trainer": 3, "relay": 4}
+EXPECTED_ISV_PROD_ID: Mapping[str, int] = {
+    "attestation": 1,
+    "aggregator": 2,
+    "trainer": 3,
+    "relay": 4,
+}
 
 
 @dataclass(frozen=True)
