@@ -899,11 +899,21 @@ def run_scenario(
         agg_hwm_kb = proc_status_kb(agg.pid, "VmHWM")
     reports = [json.loads(out.read_text()) for _, out in workers if out.exists()]
     events = [tuple(e) for r in reports for e in r["events"]]
-    result = summarize(sc, model_b, raw_bps, events, reports, sampler, idle_rss_kb, agg_hwm_kb,
-                       timed_out, len(workers))  # fmt: skip
+    result: dict[str, Any] = summarize(
+        sc, model_b, raw_bps, events, reports, sampler, idle_rss_kb, agg_hwm_kb, timed_out,
+        len(workers),
+    )  # fmt: skip
     result["aggregator_startup_hwm_bytes"] = startup_hwm_kb * 1024
     result["aggregator_hwm_reset_after_start"] = hwm_reset
     result["aggregator_sampled_peak_rss_bytes"] = max(x.rss_kb for x in sampler.samples) * 1024
+    # (seconds since the first sample, RSS in MB) every SAMPLE_SECONDS: where the peak falls
+    t0 = sampler.samples[0].t
+    result["aggregator_rss_trace"] = [
+        (round(x.t - t0, 2), round(x.rss_kb / 1024, 1)) for x in sampler.samples
+    ]
+    result["events_since_first_sample"] = sorted(
+        (round(float(e[3]) - t0, 3), e[0], e[1], e[2]) for e in events
+    )
     return result
 
 
