@@ -29,6 +29,8 @@ from hfl_common.codec import StreamDecoder, encode_tensors, specs_of
 from tests import fedkit
 
 from .conftest import T1_EXAMPLES, T2_EXAMPLES, AggregatorFactory, Trainers
+from .test_async import Fed
+from .test_async import make_plan as async_plan
 from .test_rounds import SESSIONS, join, make_engine, make_plan, task_of
 from .test_service import NO_EVAL, TRAIN, Weights, fedavg, join_both, patterned_update
 
@@ -262,3 +264,22 @@ def test_two_uploads_over_one_decode_slot_both_land_with_the_exact_mean(
     assert version == 1
     for name, array in fedavg(files, [(T1_EXAMPLES, d1), (T2_EXAMPLES, d2)]).items():
         np.testing.assert_array_equal(model[name], array)
+
+
+def test_a_clipped_async_update_comes_back_from_the_journal_clipped(tmp_path: Path) -> None:
+    plan = async_plan(buffer_size=2, staleness="constant")
+    # an update of all v has norm v * sqrt(6): 4.0 is clipped to 1.0, 1.0 is within
+    plan = replace(plan, update=replace(plan.update, max_norm=float(np.sqrt(6.0)), clip=True))
+    state = tmp_path / "state"
+    fed = Fed(plan, state)
+    fed.join("a")
+    fed.join("b")
+    assert fed.send("a", 4.0).journaled
+    del fed  # crash with the clipped update only in the journal
+
+    resumed = Fed(plan, state)
+    resumed.join("a")
+    resumed.join("b")
+    assert resumed.send("b", 1.0).applied_version == 1
+    # (clip(4) = 1 + 1) / 2, not (4 + 1) / 2
+    assert resumed.b() == pytest.approx(1.0, rel=1e-6)
