@@ -906,15 +906,27 @@ def run_scenario(
     result["aggregator_startup_hwm_bytes"] = startup_hwm_kb * 1024
     result["aggregator_hwm_reset_after_start"] = hwm_reset
     result["aggregator_sampled_peak_rss_bytes"] = max(x.rss_kb for x in sampler.samples) * 1024
-    # (seconds since the first sample, RSS in MB) every SAMPLE_SECONDS: where the peak falls
+    # "seconds:MiB" of the RSS every time it moved by 1 MiB or more (sampled every
+    # SAMPLE_SECONDS), and the trainers' events on the same clock: where the peak falls.
+    # One string each keeps the JSON short.
     t0 = sampler.samples[0].t
-    result["aggregator_rss_trace"] = [
-        (round(x.t - t0, 2), round(x.rss_kb / 1024, 1)) for x in sampler.samples
-    ]
-    result["events_since_first_sample"] = sorted(
-        (round(float(e[3]) - t0, 3), e[0], e[1], e[2]) for e in events
+    result["aggregator_rss_trace"] = " ".join(_rss_changes(sampler.samples, t0))
+    result["events_since_first_sample"] = " ".join(
+        f"{t:.3f}:{label}:{what}:{rnd}"
+        for t, label, what, rnd in sorted((float(e[3]) - t0, e[0], e[1], e[2]) for e in events)
     )
     return result
+
+
+def _rss_changes(samples: Sequence[Sample], t0: float) -> list[str]:
+    out: list[str] = []
+    last = -1.0
+    for i, x in enumerate(samples):
+        mib = x.rss_kb / 1024
+        if abs(mib - last) >= 1.0 or i == len(samples) - 1:
+            out.append(f"{x.t - t0:.2f}:{mib:.0f}")
+            last = mib
+    return out
 
 
 def reset_hwm(pid: int) -> bool:
