@@ -23,7 +23,9 @@ divided by. Reported, as ratios:
   closes the round (aggregation and the sealed checkpoint, in the current engine).
 - rounds: N = 2, 8, 32 trainers of the 25.6M model at once: round time (median and p99 of
   rounds 2..R) vs N x model x 2 at the raw-TLS rate; the aggregator process's peak RSS
-  (VmHWM of /proc/<pid>/status) above its idle RSS, as a multiple of the model; its CPU
+  during the rounds (VmHWM of /proc/<pid>/status, reset through /proc/<pid>/clear_refs once
+  the process is idle, so the start's own peak is reported apart) above its idle RSS (which
+  holds the initial model), as a multiple of the model; its CPU
   seconds (utime + stime of /proc/<pid>/stat) per trainer-round, also per 100 MB each way;
   the client processes' own extra peak memory per trainer vs the model.
 - env: the N = 8 round again with MALLOC_ARENA_MAX=2 and OPENBLAS_NUM_THREADS=1 in the
@@ -843,6 +845,10 @@ def run_scenario(
         target,
     ):
         time.sleep(1.0)  # let it settle: the idle RSS is measured before anyone joins
+        # The start (plan, initial model, first checkpoint) has its own peak: recorded,
+        # then VmHWM is reset, so the peak reported is that of the rounds alone.
+        startup_hwm_kb = proc_status_kb(agg.pid, "VmHWM")
+        hwm_reset = reset_hwm(agg.pid)
         with ProcSampler(agg.pid) as sampler:
             idle_rss_kb = sampler.samples[0].rss_kb
             workers: list[tuple[subprocess.Popen[bytes], Path]] = []
@@ -894,8 +900,44 @@ def run_scenario(
         agg_hwm_kb = proc_status_kb(agg.pid, "VmHWM")
     reports = [json.loads(out.read_text()) for _, out in workers if out.exists()]
     events = [tuple(e) for r in reports for e in r["events"]]
-    return summarize(sc, model_b, raw_bps, events, reports, sampler, idle_rss_kb, agg_hwm_kb,
-                     timed_out, len(workers))  # fmt: skip
+    result: dict[str, Any] = summarize(
+        sc, model_b, raw_bps, events, reports, sampler, idle_rss_kb, agg_hwm_kb, timed_out,
+        len(workers),
+    )  # fmt: skip
+    result["aggregator_startup_hwm_bytes"] = startup_hwm_kb * 1024
+    result["aggregator_hwm_reset_after_start"] = hwm_reset
+    result["aggregator_sampled_peak_rss_bytes"] = max(x.rss_kb for x in sampler.samples) * 1024
+    # "seconds:MiB" of the RSS every time it moved by 1 MiB or more (sampled every
+    # SAMPLE_SECONDS), and the trainers' events on the same clock: where the peak falls.
+    # One string each keeps the JSON short.
+    t0 = sampler.samples[0].t
+    result["aggregator_rss_trace"] = " ".join(_rss_changes(sampler.samples, t0))
+    result["events_since_first_sample"] = " ".join(
+        f"{t:.3f}:{label}:{what}:{rnd}"
+        for t, label, what, rnd in sorted((float(e[3]) - t0, e[0], e[1], e[2]) for e in events)
+    )
+    return result
+
+
+def _rss_changes(samples: Sequence[Sample], t0: float) -> list[str]:
+    out: list[str] = []
+    last = -1.0
+    for i, x in enumerate(samples):
+        mib = x.rss_kb / 1024
+        if abs(mib - last) >= 1.0 or i == len(samples) - 1:
+            out.append(f"{x.t - t0:.2f}:{mib:.0f}")
+            last = mib
+    return out
+
+
+def reset_hwm(pid: int) -> bool:
+    """Reset a process's VmHWM to its current RSS (Linux: write 5 to clear_refs);
+    False where the kernel refuses, and VmHWM then includes the start."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def summarize(
@@ -1073,9 +1115,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "| scenario | agg env | model | trainers | raw TLS | round p50 | p99 | bound | "
         "p50 / bound | "
-        "agg idle RSS | agg peak RSS | (peak - idle) / model | agg CPU s / trainer-round "
-        "(per 100 MB) | client extra / trainer / model | failed | retries |",
-        "| " + " | ".join(["---"] * 16) + " |",
+        "agg start peak | agg idle RSS | agg peak RSS | (peak - idle) / model | "
+        "agg CPU s / trainer-round (per 100 MB) | client extra / trainer / model | failed | "
+        "retries |",
+        "| " + " | ".join(["---"] * 17) + " |",
     ]
     for s in result["scenarios"]:
         env = ", ".join(f"{k}={v}" for k, v in s["aggregator_env"].items()) or "none"
@@ -1084,7 +1127,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"{s['model_bytes'] / 1e6:.0f} MB | {s['trainers']} | "
             f"{s['raw_tls_bytes_per_second'] / 1e6:.0f} MB/s | {_f(s['round_p50_s'])} s | "
             f"{_f(s['round_p99_s'])} s | {_f(s['transport_bound_s'])} s | "
-            f"{_f(s['round_over_bound'])}x | {s['aggregator_idle_rss_bytes'] / 1e6:.0f} MB | "
+            f"{_f(s['round_over_bound'])}x | "
+            f"{s.get('aggregator_startup_hwm_bytes', math.nan) / 1e6:.0f} MB | "
+            f"{s['aggregator_idle_rss_bytes'] / 1e6:.0f} MB | "
             f"{s['aggregator_peak_rss_bytes'] / 1e6:.0f} MB | "
             f"{_f(s['aggregator_peak_over_model'])}x | "
             f"{_f(s['aggregator_cpu_s_per_trainer_round'], '.3f')} "

@@ -487,13 +487,13 @@ def test_updates_are_stored_after_the_engine_lock_is_released(tmp_path: Path) ->
     held: list[bool] = []
 
     class Probe(RoundCollector):
-        def add(self, update: Mapping[str, np.ndarray], weight: float) -> None:
+        def add(self, update: Mapping[str, np.ndarray], weight: float, scale: float = 1.0) -> None:
             lock = engine_box[0]._cond
             free = lock.acquire(blocking=False)
             if free:
                 lock.release()
             held.append(not free)
-            super().add(update, weight)
+            super().add(update, weight, scale)
 
     engine = RoundEngine(
         make_plan(),

@@ -134,6 +134,13 @@ def _check_weight(weight: float) -> float:
     return value
 
 
+def _check_scale(scale: float) -> float:
+    value = float(scale)
+    if not math.isfinite(value) or value < 0.0:
+        raise InvalidArgumentError(f"an update's scale must be finite and >= 0, got {scale}")
+    return value
+
+
 class UpdateSource(Protocol):
     """A round's updates, as a strategy sees them.
 
@@ -213,13 +220,20 @@ class MeanAccumulator:
         """The model layout this accumulator folds."""
         return list(self._layout)
 
-    def add(self, update: Mapping[str, Array], weight: float) -> None:
-        """Fold one whole update with its weight (its num_examples)."""
+    def add(self, update: Mapping[str, Array], weight: float, scale: float = 1.0) -> None:
+        """Fold one whole update with its weight (its num_examples).
+
+        `scale` multiplies the update's values (a norm clip, a staleness weight) as they
+        are folded, without counting in the total weight: the mean divides by the sum
+        of the weights only. Folding scaled is how the engine clips or down-weights an
+        update without a scaled copy of it.
+        """
         self._check_open()
         w = _check_weight(weight)
+        s = _check_scale(scale)
         check_matches_layout(update, self._layout)
         for t in self._layout:
-            self._fold(t.name, 0, np.asarray(update[t.name]).reshape(-1), w)
+            self._fold(t.name, 0, np.asarray(update[t.name]).reshape(-1), w * s)
         self._count += 1
         self._total_weight += w
 
@@ -432,21 +446,24 @@ class SpillStore:
         """The file holding update `index`."""
         return self._dir / f"update-{index:06d}.spill"
 
-    def add(self, update: Mapping[str, Array], weight: float) -> None:
-        """Encrypt one update to its own file."""
+    def add(self, update: Mapping[str, Array], weight: float, scale: float = 1.0) -> None:
+        """Encrypt one update to its own file; float tensors multiplied by `scale` first
+        (a segment at a time: no scaled copy of the update)."""
         aead = self._open_aead()
         w = _check_weight(weight)
+        s = _check_scale(scale)
         check_matches_layout(update, self._layout)
         index = len(self._weights)
-        arrays = [
-            np.ascontiguousarray(update[t.name], dtype=t.dtype).reshape(-1).view(np.uint8)
-            for t in self._layout
-        ]
+        arrays = [np.ascontiguousarray(update[t.name], dtype=t.dtype) for t in self._layout]
         path = self.path_of(index)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             for seg in self._segments:
-                plain = arrays[seg.tensor][seg.byte_start : seg.byte_start + seg.byte_len]
+                t = self._layout[seg.tensor]
+                raw = arrays[seg.tensor].reshape(-1).view(np.uint8)
+                plain = raw[seg.byte_start : seg.byte_start + seg.byte_len]
+                if s != 1.0 and t.dtype.kind == "f":
+                    plain = (plain.view(t.dtype) * s).astype(t.dtype, copy=False).view(np.uint8)
                 out = memoryview(self._buffer)[: seg.byte_len + _TAG_BYTES]
                 aead.encrypt_into(_NONCE.pack(index, seg.index), plain.data, _AAD, out)
                 f.write(out)

@@ -33,8 +33,10 @@ class RoundCollector:
             return cls(SpillStore(template, directory))
         return cls(MeanAccumulator(template))
 
-    def add(self, update: Mapping[str, np.ndarray], weight: float) -> None:
-        self._store.add(update, weight)
+    def add(self, update: Mapping[str, np.ndarray], weight: float, scale: float = 1.0) -> None:
+        """Store one validated update: `weight` is its num_examples, `scale` multiplies its
+        values (clip, staleness) without a scaled copy."""
+        self._store.add(update, weight, scale)
 
     def source(self) -> UpdateSource:
         return self._store

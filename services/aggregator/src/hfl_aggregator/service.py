@@ -5,9 +5,13 @@ Handlers stay thin. Who the caller is comes from its attested certificate
 quote re-verification) and is passed to the engine, which refuses a session
 used by another identity; the federation logic lives in `hfl_aggregator.engine`,
 which also decides every field of a task. The tensor streams go through
-`hfl_common.codec`, so memory per upload is the decoded update plus one chunk,
-and at most `upload_slots` uploads are decoded at a time, whatever the number
-of trainers. An upload takes its slot only after its header has come (within
+`hfl_common.codec`. An upload is decoded chunk by chunk into one of at most
+`upload_slots` reused decode buffers (`DecodeSlots`, each the model's size),
+and keeps that slot through validation and the fold into the round's sum,
+until the engine says it holds no reference to it any more: so the decoded
+updates alive at once are at most `upload_slots`, whatever the number of
+trainers (the others wait, their bytes held back by gRPC flow control). An
+upload takes its slot only after its header has come (within
 `header_timeout_seconds`) and passed admission, so an idle stream holds nothing.
 """
 
@@ -39,6 +43,7 @@ from hfl_aggregator.metrics import AggregatorMetrics
 from hfl_aggregator.model_cache import ModelCache
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
 from hfl_common.codec import check_specs, collect_stream
+from hfl_common.codec.dtypes import native_dtype
 from hfl_common.config import FederationPlan
 from hfl_common.errors import (
     DeadlineExceededError,
@@ -156,7 +161,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         self._federation_id = federation_id or plan.name
         self._chunk_bytes = chunk_bytes
         self._models = ModelCache(chunk_bytes)
-        self._uploads = threading.BoundedSemaphore(upload_slots)
+        self._uploads = DecodeSlots(self._spec, upload_slots)
         self._header_timeout = header_timeout_seconds
         # An update is at most the model's size at 8 bytes per element (raw encoding of
         # the widest dtype, float64/int64), plus slack for the stream's framing.
@@ -250,23 +255,28 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         # Admission of the header (session, round, replay ...) before any payload is read
         # and before an upload slot is taken.
         ticket = self._check_header(h, caller)
-        try:
-            if h.tensors.total_bytes > self._max_update_bytes:
-                raise ResourceExhaustedError(
-                    f"update stream announces {h.tensors.total_bytes} bytes; an update of "
-                    f"this model is at most {self._max_update_bytes} bytes",
-                    "oversized",
-                )
-            with self._uploads:
+        if h.tensors.total_bytes > self._max_update_bytes:
+            oversized = ResourceExhaustedError(
+                f"update stream announces {h.tensors.total_bytes} bytes; an update of "
+                f"this model is at most {self._max_update_bytes} bytes",
+                "oversized",
+            )
+            self._engine.refuse(ticket.trainer_id, oversized)
+            raise oversized
+        with self._uploads.slot() as slot:
+            try:
                 _, arrays = collect_stream(
                     itertools.chain([first], parts),
                     max_total_bytes=self._max_update_bytes,
                     expected=self._spec,
+                    out=slot.buffers,
                 )
-        except HflError as exc:
-            self._engine.refuse(ticket.trainer_id, exc)
-            raise
-        accepted = self._engine.accept_update(ticket, arrays)
+            except HflError as exc:
+                self._engine.refuse(ticket.trainer_id, exc)
+                raise
+            # The slot is handed back as soon as the update is folded (or refused), before
+            # a round this update closes is aggregated.
+            accepted = self._engine.accept_update(ticket, arrays, stored=slot.release)
         if accepted.applied_version:
             disposition = aggregator_pb2.UPDATE_DISPOSITION_APPLIED
         elif accepted.journaled:
@@ -433,6 +443,60 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
             )
             summary.duration.FromNanoseconds(int(r.duration_seconds * 1e9))
         return response
+
+
+class DecodeSlot:
+    """One decode buffer: the model's tensors, overwritten by each upload that holds it."""
+
+    def __init__(self, pool: DecodeSlots, buffers: dict[str, np.ndarray]) -> None:
+        self._pool = pool
+        self.buffers = buffers
+        self._held = True
+
+    def release(self) -> None:
+        """Give the buffer back (once; later calls do nothing)."""
+        if self._held:
+            self._held = False
+            self._pool.put_back(self)
+
+    def __enter__(self) -> DecodeSlot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class DecodeSlots:
+    """At most `slots` decode buffers of the model, made on first use and then reused.
+
+    The aggregator's memory for uploads is `slots` x the model whatever the number of
+    trainers: `slot()` blocks until a buffer is free. Reusing the buffers (rather than
+    allocating 100 MB per upload and freeing it) also keeps glibc from spreading freed
+    blocks over the malloc arenas of gRPC's handler threads.
+    """
+
+    def __init__(self, spec: Sequence[tensor_pb2.TensorSpec], slots: int) -> None:
+        if slots < 1:
+            raise ValueError(f"upload slots {slots} must be at least 1")
+        self._spec = list(spec)
+        self._free: list[dict[str, np.ndarray]] = []
+        self._sem = threading.BoundedSemaphore(slots)
+        self._lock = threading.Lock()
+
+    def slot(self) -> DecodeSlot:
+        self._sem.acquire()
+        with self._lock:
+            buffers = self._free.pop() if self._free else None
+        if buffers is None:
+            buffers = {
+                s.name: np.empty(tuple(s.shape), dtype=native_dtype(s.dtype)) for s in self._spec
+            }
+        return DecodeSlot(self, buffers)
+
+    def put_back(self, slot: DecodeSlot) -> None:
+        with self._lock:
+            self._free.append(slot.buffers)
+        self._sem.release()
 
 
 def _caller() -> str:

@@ -55,3 +55,30 @@ def update_norm(arrays: Mapping[str, npt.NDArray[Any]], what: str = "") -> float
                 )
         total += part
     return math.sqrt(total)
+
+
+def difference_norm(
+    new: Mapping[str, npt.NDArray[Any]], old: Mapping[str, npt.NDArray[Any]], what: str = ""
+) -> float:
+    """The L2 norm of `new - old` over the float tensors of `new`, a block at a time in
+    float64: no model-sized difference is made (before, `check_aggregate` built the whole
+    float64 difference, twice the model, at the peak of the round). InvalidArgumentError
+    (reason "nan") when the difference of a tensor is not finite."""
+    prefix = f"{what} " if what else ""
+    total = 0.0
+    for name, arr in new.items():
+        if arr.dtype.kind != "f":
+            continue
+        a = arr.reshape(-1)
+        b = np.asarray(old[name]).reshape(-1)
+        part = 0.0
+        for start in range(0, a.size, BLOCK_ELEMENTS):
+            block = a[start : start + BLOCK_ELEMENTS].astype(np.float64)
+            block -= b[start : start + BLOCK_ELEMENTS]
+            part += float(np.einsum("i,i->", block, block))
+        if not math.isfinite(part):
+            raise InvalidArgumentError(
+                f"{prefix}tensor {name!r} is not finite (NaN or infinite values)", "nan"
+            )
+        total += part
+    return math.sqrt(total)

@@ -18,7 +18,7 @@ import numpy as np
 
 from hfl_aggregator.engine.registry import TrainerRecord
 from hfl_aggregator.metrics import AggregatorMetrics
-from hfl_aggregator.validation import update_norm
+from hfl_aggregator.validation import difference_norm, update_norm
 from hfl_common.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -178,18 +178,28 @@ def check_async_header(
 
 
 def check_values(arrays: Mapping[str, np.ndarray], max_norm: float, clip: bool) -> Weights:
-    """NaN/Inf and L2-norm checks on a decoded update; returns it (clipped if the plan says)."""
+    """NaN/Inf and L2-norm checks on a decoded update; returns it (clipped if the plan says).
+    Makes a clipped copy: the engine uses `value_scale` and folds with the scale instead."""
+    scale = value_scale(arrays, max_norm, clip)
+    if scale != 1.0:
+        return {
+            n: (a * scale).astype(a.dtype) if a.dtype.kind == "f" else a for n, a in arrays.items()
+        }
+    return dict(arrays)
+
+
+def value_scale(arrays: Mapping[str, np.ndarray], max_norm: float, clip: bool) -> float:
+    """NaN/Inf and L2-norm checks on a decoded update, in one blockwise pass: the factor
+    its float values must be multiplied by (1.0, or the plan's clip max_norm / norm),
+    or InvalidArgumentError ("nan", "norm")."""
     norm = finite_norm(arrays, "update")
     if max_norm > 0 and norm > max_norm:
         if not clip:
             raise InvalidArgumentError(
                 f"update L2 norm {norm:.4g} exceeds the plan's bound {max_norm:.4g}", "norm"
             )
-        scale = max_norm / norm
-        return {
-            n: (a * scale).astype(a.dtype) if a.dtype.kind == "f" else a for n, a in arrays.items()
-        }
-    return dict(arrays)
+        return max_norm / norm
+    return 1.0
 
 
 def finite_norm(arrays: Mapping[str, np.ndarray], what: str) -> float:
@@ -204,8 +214,7 @@ def check_aggregate(
     """The aggregate must be finite, and move the model by at most `bound` (0: unchecked)."""
     finite_norm(new, "aggregate")
     if bound > 0:
-        change = {n: new[n].astype(np.float64) - old[n] for n in new if new[n].dtype.kind == "f"}
-        norm = finite_norm(change, "aggregate change")
+        norm = difference_norm(new, old, "aggregate change")
         if norm > bound:
             raise InvalidArgumentError(
                 f"the aggregate moves the model by L2 norm {norm:.4g}, over the plan's "

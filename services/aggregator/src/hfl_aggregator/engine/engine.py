@@ -105,6 +105,18 @@ class Accepted:
     journaled: bool = False
 
 
+class _Once:
+    """Calls `fn` (when given) the first time it is called, never again."""
+
+    def __init__(self, fn: Callable[[], None] | None) -> None:
+        self._fn = fn
+
+    def __call__(self) -> None:
+        fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
+
+
 class RoundEngine:
     def __init__(
         self,
@@ -669,17 +681,40 @@ class RoundEngine:
         with self._cond:
             self._refusals.count(self._registry.get(trainer_id), exc)
 
-    def accept_update(self, ticket: Ticket, arrays: Mapping[str, np.ndarray]) -> Accepted:
-        """Admit a fully received, decoded update's values and fold it in."""
+    def accept_update(
+        self,
+        ticket: Ticket,
+        arrays: Mapping[str, np.ndarray],
+        *,
+        stored: Callable[[], None] | None = None,
+    ) -> Accepted:
+        """Admit a fully received, decoded update's values and fold it in.
+
+        `stored` is called exactly once, as soon as the update was folded (or refused)
+        and the engine holds no reference to `arrays` any more: before a round that this
+        update closes is aggregated. The caller may then reuse the arrays' memory (the
+        upload handler's decode buffers), so the decoded updates alive are bounded by
+        its decode slots, not by the number of trainers. A clipped update is folded
+        scaled, without a clipped copy.
+        """
+        done = _Once(stored)
         try:
-            update = admission.check_values(
-                arrays, self.plan.update.max_norm, self.plan.update.clip
-            )
-        except HflError as exc:
-            self.refuse(ticket.trainer_id, exc)
-            raise
-        if self._async:
-            return self._accept_async(ticket, update)
+            try:
+                scale = admission.value_scale(
+                    arrays, self.plan.update.max_norm, self.plan.update.clip
+                )
+            except HflError as exc:
+                self.refuse(ticket.trainer_id, exc)
+                raise
+            if self._async:
+                return self._accept_async(ticket, arrays, scale, done)
+            return self._accept_sync(ticket, arrays, scale, done)
+        finally:
+            done()
+
+    def _accept_sync(
+        self, ticket: Ticket, update: Mapping[str, np.ndarray], scale: float, stored: _Once
+    ) -> Accepted:
         closing: SyncRound | None = None
         with self._cond:
             record = self._registry.get(ticket.trainer_id)
@@ -701,7 +736,7 @@ class RoundEngine:
             r.folding += 1
         try:
             with r.fold_lock:
-                r.collector.add(update, ticket.meta.num_examples)
+                r.collector.add(update, ticket.meta.num_examples, scale)
         except Exception as exc:
             with self._cond:
                 r.folding -= 1
@@ -710,6 +745,8 @@ class RoundEngine:
                 self._close_if_abandoned(r)
                 self._cond.notify_all()
             raise
+        del update
+        stored()  # folded: the caller may reuse its decode buffers now
         with self._cond:
             r.folding -= 1
             if self._round is not r or self._phase is not Phase.TRAINING:
@@ -1084,15 +1121,11 @@ class RoundEngine:
         factor: float,
         tau: int,
         train_loss: float,
+        scale: float = 1.0,
     ) -> bool:
-        """Fold one update (scaled by its staleness weight) into `buf`; True when full."""
-        scaled = (
-            dict(update)
-            if factor == 1.0
-            else {n: (a * factor).astype(a.dtype) if a.dtype.kind == "f" else a
-                  for n, a in update.items()}
-        )  # fmt: skip
-        buf.collector.add(scaled, num_examples)
+        """Fold one update (scaled by its staleness weight and its clip `scale`, as it is
+        folded: no scaled copy) into `buf`; True when full."""
+        buf.collector.add(update, num_examples, factor * scale)
         buf.trainers.append(trainer_id)
         buf.staleness.append(tau)
         buf.losses.append((num_examples, train_loss))
@@ -1118,6 +1151,7 @@ class RoundEngine:
                 e.factor,
                 e.staleness,
                 e.train_loss,
+                e.scale,
             ):
                 self._ready.append(buf)
                 buf = self._new_buffer(e.seq + 1)
@@ -1181,7 +1215,9 @@ class RoundEngine:
             train=params,
         )
 
-    def _accept_async(self, ticket: Ticket, update: Weights) -> Accepted:
+    def _accept_async(
+        self, ticket: Ticket, update: Mapping[str, np.ndarray], scale: float, stored: _Once
+    ) -> Accepted:
         meta = ticket.meta
         with self._cond:
             record = self._registry.get(ticket.trainer_id)
@@ -1206,6 +1242,7 @@ class RoundEngine:
                 factor,
                 tau,
                 meta.train_loss,
+                scale,
             )
             self._last_accepted[ticket.trainer_id] = meta.task_id
             self._atasks.pop(ticket.trainer_id, None)
@@ -1233,12 +1270,14 @@ class RoundEngine:
                 self._journal.append(
                     JournalEntry(
                         seq, ticket.trainer_id, meta.num_examples, tau, factor,
-                        meta.train_loss, dict(update),
+                        meta.train_loss, dict(update), scale,
                     )
                 )  # fmt: skip
                 journaled = True
             except OSError:
                 log.exception("journaling update %d failed; it is kept in memory only", seq)
+        del update
+        stored()  # folded and journaled: the caller may reuse its decode buffers now
         if full:
             self._apply_ready()
         with self._cond:

@@ -42,6 +42,9 @@ class JournalEntry:
     factor: float
     train_loss: float
     update: dict[str, np.ndarray]
+    # The norm clip's factor (1.0: not clipped): the update is journaled as received and
+    # folded multiplied by factor * scale, on acceptance and on recovery alike.
+    scale: float = 1.0
 
 
 class UpdateJournal:
@@ -60,6 +63,7 @@ class UpdateJournal:
             "num_examples": entry.num_examples,
             "staleness": entry.staleness,
             "factor": entry.factor,
+            "scale": entry.scale,
             "train_loss": entry.train_loss if np.isfinite(entry.train_loss) else None,
             "tensors": list(entry.update),
         }
@@ -104,4 +108,5 @@ class UpdateJournal:
             factor=float(meta["factor"]),
             train_loss=float(loss) if loss is not None else float("nan"),
             update=update,
+            scale=float(meta.get("scale", 1.0)),
         )

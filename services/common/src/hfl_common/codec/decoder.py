@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,9 @@ SHA256_BYTES = 32
 class _TensorSink:
     """Decodes the encoded bytes of one tensor into its output array, in arrival order."""
 
-    def __init__(self, encoded: tensor_pb2.EncodedTensor) -> None:
+    def __init__(
+        self, encoded: tensor_pb2.EncodedTensor, out: npt.NDArray[Any] | None = None
+    ) -> None:
         spec = encoded.spec
         self.name = spec.name
         self.encoding = int(encoded.encoding)
@@ -46,7 +48,18 @@ class _TensorSink:
         self.wire = wire_dtype(spec.dtype)
         self.width = encoded_width(spec.dtype, self.encoding)
         self.encoded_bytes = int(encoded.encoded_bytes)
-        self.array: npt.NDArray[Any] = np.empty(tuple(spec.shape), dtype=native_dtype(spec.dtype))
+        shape, dtype = tuple(spec.shape), native_dtype(spec.dtype)
+        self.array: npt.NDArray[Any]
+        if (
+            out is not None
+            and out.shape == shape
+            and out.dtype == dtype
+            and out.flags.c_contiguous
+            and out.flags.writeable
+        ):
+            self.array = out  # the caller's buffer, overwritten element by element
+        else:
+            self.array = np.empty(shape, dtype=dtype)
         self._flat = self.array.reshape(-1)
         self._written = 0  # elements
         self._carry = b""  # the first bytes of an element split across chunks
@@ -198,8 +211,11 @@ class StreamDecoder:
 
     The header is validated at construction (against `expected` when given); then the output
     arrays are allocated once, and every chunk is decoded into them as it arrives, so memory
-    holds the arrays plus about one chunk. `max_total_bytes` bounds both the payload and the
-    decoded arrays. Any inconsistency raises StreamError, InvalidArgumentError or
+    holds the arrays plus about one chunk. With `out` (tensor name -> array), a tensor whose
+    shape and dtype match is decoded into the caller's array instead of a new one: a server
+    decodes every upload into a few reused buffers (a refused stream leaves them partly
+    overwritten: the caller must treat them as scratch). `max_total_bytes` bounds both the
+    payload and the decoded arrays. Any inconsistency raises StreamError, InvalidArgumentError or
     ResourceExhaustedError, after which the decoder refuses further use; arrays are returned
     only once every byte arrived and the SHA-256 of the trailer matched.
     """
@@ -211,13 +227,15 @@ class StreamDecoder:
         expected: Sequence[tensor_pb2.TensorSpec] | None = None,
         max_total_bytes: int,
         what: str = "tensor stream",
+        out: Mapping[str, npt.NDArray[Any]] | None = None,
     ) -> None:
         _check_header(header, expected, max_total_bytes, what)
         self._what = what
         self._total = int(header.total_bytes)
         self._chunk_bytes = int(header.chunk_bytes)
+        buffers = out or {}
         try:
-            self._sinks = [_TensorSink(t) for t in header.tensors]
+            self._sinks = [_TensorSink(t, buffers.get(t.spec.name)) for t in header.tensors]
         except (ValueError, MemoryError) as err:
             raise ResourceExhaustedError(f"{what}: cannot allocate the tensors: {err}") from None
         self._index = 0

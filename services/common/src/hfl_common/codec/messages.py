@@ -7,7 +7,7 @@ A model download (DownloadModelResponse) and an update upload (UploadUpdateReque
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, overload
 
 import numpy.typing as npt
@@ -62,6 +62,7 @@ def collect_stream(
     expected: Sequence[tensor_pb2.TensorSpec] | None = None,
     on_header: Callable[[aggregator_pb2.ModelHeader], None] | None = None,
     what: str | None = None,
+    out: Mapping[str, npt.NDArray[Any]] | None = None,
 ) -> tuple[aggregator_pb2.ModelHeader, dict[str, npt.NDArray[Any]]]: ...
 
 
@@ -73,6 +74,7 @@ def collect_stream(
     expected: Sequence[tensor_pb2.TensorSpec] | None = None,
     on_header: Callable[[aggregator_pb2.UpdateHeader], None] | None = None,
     what: str | None = None,
+    out: Mapping[str, npt.NDArray[Any]] | None = None,
 ) -> tuple[aggregator_pb2.UpdateHeader, dict[str, npt.NDArray[Any]]]: ...
 
 
@@ -83,6 +85,7 @@ def collect_stream(
     expected: Sequence[tensor_pb2.TensorSpec] | None = None,
     on_header: Callable[[Any], None] | None = None,
     what: str | None = None,
+    out: Mapping[str, npt.NDArray[Any]] | None = None,
 ) -> tuple[Any, dict[str, npt.NDArray[Any]]]:
     """Read header, chunks and trailer from oneof messages; return (header, arrays by name).
 
@@ -91,7 +94,8 @@ def collect_stream(
     payload. After the trailer the iterator must end. `what` names the stream in error
     messages ("update upload from trainer-1"); by default "model download" or "update upload"
     after the message type. Errors of the transport itself (a
-    grpc.RpcError from a client's response iterator) pass through unchanged.
+    grpc.RpcError from a client's response iterator) pass through unchanged. `out`: decode
+    into these arrays where shape and dtype match (see StreamDecoder).
     """
     iterator = iter(messages)
     first = next(iterator, None)
@@ -111,7 +115,7 @@ def collect_stream(
     if on_header is not None:
         on_header(header)
     decoder = StreamDecoder(
-        header.tensors, expected=expected, max_total_bytes=max_total_bytes, what=what
+        header.tensors, expected=expected, max_total_bytes=max_total_bytes, what=what, out=out
     )
     for message in iterator:
         kind = message.WhichOneof("part")
