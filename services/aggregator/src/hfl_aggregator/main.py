@@ -20,7 +20,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ from hfl_common.runtime import (
     write_port_file,
 )
 from hfl_common.server import (
+    CallLimits,
     PeerIdentity,
     RunningServer,
     ServerConfig,
@@ -125,6 +126,9 @@ class AggregatorConfig:
     header_timeout_seconds: float = 10.0
     tick_seconds: float = TICK_SECONDS
     grace_seconds: float = 10.0
+    # Per-peer and global call limits, stream idle and whole-stream deadlines (defaults:
+    # hfl_common.server.CallLimits; tests shorten the deadlines).
+    call_limits: CallLimits = field(default_factory=CallLimits)
 
     def __post_init__(self) -> None:
         if self.upload_slots < 1:
@@ -238,6 +242,7 @@ def build_aggregator(config: AggregatorConfig, registry: CollectorRegistry) -> R
                 port=port,
                 grace_seconds=config.grace_seconds,
                 max_workers=config.max_workers,
+                limits=config.call_limits,
             ),
             services=[
                 ServiceRegistration(
