@@ -17,7 +17,7 @@ TensorFlow) and the aggregator's own rule functions (hfl_aggregator.strategies.a
 over the deltas, in one process. The wire (RA-TLS, codec, round engine) is not in the loop:
 this measures the rules, the chaos suite tests the path.
 
-    .venv/bin/python benchmarks/bench_byzantine.py [--rounds 5] [--out benchmarks/results]
+    .venv/bin/python benchmarks/bench_byzantine.py [--rounds 5] [--seeds 0 1 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -106,26 +106,33 @@ def run(
     }
 
 
-def measure(rounds: int, seed: int) -> dict[str, Any]:
-    results: dict[str, dict[str, float]] = {}
+def measure(rounds: int, seeds: Sequence[int]) -> dict[str, Any]:
+    """Every rule under every attack, once per seed (model init and data split); the
+    figures are means over the seeds, with each seed's accuracy kept."""
+    per_seed: dict[str, dict[str, list[float]]] = {}
     fidelity: dict[str, dict[str, dict[str, float]]] = {}
     for name, rule in rules().items():
-        results[name] = {}
+        per_seed[name] = {}
         fidelity[name] = {}
         for attack_name, attack in ATTACKS.items():
-            started = time.perf_counter()
-            outcome = run(rule, attack, rounds, seed)
-            results[name][attack_name] = outcome["accuracy"]
+            outcomes = []
+            for seed in seeds:
+                started = time.perf_counter()
+                outcome = run(rule, attack, rounds, seed)
+                outcomes.append(outcome)
+                print(
+                    f"{name:13s} {attack_name:10s} seed {seed} accuracy "
+                    f"{outcome['accuracy']:.4f} shrink {outcome['shrink']:.3f} "
+                    f"error {outcome['error']:.3f} ({time.perf_counter() - started:.1f} s)",
+                    file=sys.stderr,
+                )
+            per_seed[name][attack_name] = [round(o["accuracy"], 4) for o in outcomes]
             fidelity[name][attack_name] = {
-                "shrink": round(outcome["shrink"], 4),
-                "error": round(outcome["error"], 4),
+                k: round(float(np.mean([o[k] for o in outcomes])), 4) for k in ("shrink", "error")
             }
-            print(
-                f"{name:13s} {attack_name:10s} accuracy {outcome['accuracy']:.4f} "
-                f"shrink {outcome['shrink']:.3f} error {outcome['error']:.3f} "
-                f"({time.perf_counter() - started:.1f} s)",
-                file=sys.stderr,
-            )
+    results = {
+        name: {a: float(np.mean(accs)) for a, accs in by.items()} for name, by in per_seed.items()
+    }
     honest = results["fedavg"]["none"]
     return {
         "setup": {
@@ -136,20 +143,31 @@ def measure(rounds: int, seed: int) -> dict[str, Any]:
             "rounds": rounds,
             "local_epochs": 1,
             "learning_rate": 0.05,
-            "seed": seed,
+            "seeds": list(seeds),
             "trimmed_mean_beta": 0.25,
             "krum_f": BYZANTINE,
             "multikrum_f": BYZANTINE,
             "multikrum_m": TRAINERS - BYZANTINE,
         },
+        # mean final test accuracy over the seeds, and each seed's
         "accuracy": results,
-        # per round, against the mean of the 8 honest deltas (module docstring)
+        "accuracy_per_seed": per_seed,
+        # per round, against the mean of the 8 honest deltas (module docstring), mean over seeds
         "step_vs_honest_mean": fidelity,
         "honest_fedavg": honest,
-        # points of accuracy lost against the honest run of the same rule
+        # points of (mean) accuracy lost against the honest run of the same rule
         "drop_points": {
             name: {a: round(100 * (by["none"] - acc), 2) for a, acc in by.items() if a != "none"}
             for name, by in results.items()
+        },
+        # the same per seed: how much a single run's drop varies
+        "drop_points_per_seed": {
+            name: {
+                a: [round(100 * (h - x), 2) for h, x in zip(by["none"], accs, strict=True)]
+                for a, accs in by.items()
+                if a != "none"
+            }
+            for name, by in per_seed.items()
         },
         "drop_vs_honest_fedavg_points": {
             name: {a: round(100 * (honest - acc), 2) for a, acc in by.items() if a != "none"}
@@ -163,22 +181,28 @@ def markdown(report: Mapping[str, Any]) -> str:
         "# Byzantine trainers: accuracy per aggregation rule",
         "",
         f"small_cnn on digits (IID), {TRAINERS} trainers of which {BYZANTINE} Byzantine, "
-        f"{report['setup']['rounds']} rounds (`benchmarks/bench_byzantine.py`).",
+        f"{report['setup']['rounds']} rounds, seeds {report['setup']['seeds']}",
+        "(`benchmarks/bench_byzantine.py`). Final test accuracy, mean over the seeds; drops",
+        "in points against the honest run of the same rule, from the means and per seed:",
         "",
-        "| rule | honest | sign flip | x10 scaling | drop: sign flip | drop: x10 |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| rule | honest | sign flip | x10 scaling | drop: sign flip | drop: x10 "
+        "| drop per seed: sign flip | drop per seed: x10 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, by in report["accuracy"].items():
         drop = report["drop_points"][name]
+        each = report["drop_points_per_seed"][name]
         lines.append(
             f"| {name} | {by['none']:.4f} | {by['sign_flip']:.4f} | {by['scale_x10']:.4f} "
-            f"| {drop['sign_flip']:.1f} | {drop['scale_x10']:.1f} |"
+            f"| {drop['sign_flip']:.1f} | {drop['scale_x10']:.1f} "
+            f"| {' / '.join(f'{x:.1f}' for x in each['sign_flip'])} "
+            f"| {' / '.join(f'{x:.1f}' for x in each['scale_x10'])} |"
         )
     lines += [
         "",
-        "Drops are in points against the honest run of the same rule. Each round's combined",
-        "delta against the mean of the 8 honest deltas (shrink: projection / squared norm,",
-        "1 = a full honest step; error: distance / norm; both averaged over the rounds):",
+        "Each round's combined delta against the mean of the 8 honest deltas (shrink: its",
+        "projection on that mean over the mean's squared norm, 1 = a full honest step; error:",
+        "distance over norm; both averaged over the rounds and seeds):",
         "",
         "| rule | shrink: honest | shrink: sign flip | shrink: x10 "
         "| error: honest | error: sign flip | error: x10 |",
@@ -196,10 +220,10 @@ def markdown(report: Mapping[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ns = p.parse_args(argv)
-    report = measure(ns.rounds, ns.seed)
+    report = measure(ns.rounds, ns.seeds)
     ns.out.mkdir(parents=True, exist_ok=True)
     (ns.out / "byzantine.json").write_text(json.dumps(report, indent=2) + "\n")
     (ns.out / "byzantine.md").write_text(markdown(report))
