@@ -30,8 +30,12 @@ divided by. Reported, as ratios:
   the client processes' own extra peak memory per trainer vs the model.
 - env: the N = 8 round again with MALLOC_ARENA_MAX=2 and OPENBLAS_NUM_THREADS=1 in the
   aggregator's environment.
-- scale: 256 trainers x 1M parameters x 3 rounds: errors (failed trainers, retried calls,
-  DEADLINE_EXCEEDED among them), p50 and p99 round time.
+- scale: 256 trainers x 1M parameters x 3 rounds (`--scale-rounds`): errors (failed
+  trainers, retried calls, DEADLINE_EXCEEDED among them), p50 and p99 round time.
+
+Every scenario also records the aggregator's resources per round: its RSS (VmRSS) and
+open file descriptors (entries of /proc/<pid>/fd) at the end of each round and their
+peaks within it, idle before anyone joined and once every trainer is done.
 - resnet (`--only resnet`, not in the default set: it loads TensorFlow): 2 real trainers
   (`hfl_trainer.training.LocalTrainer`, Keras ResNet-50, 23.6M params for 32x32x3 and
   10 classes) on a generated CIFAR-format set, each in its own process: per round, the
@@ -161,6 +165,12 @@ class Sample:
     cpu: float
     rss_kb: int
     hwm_kb: int
+    fds: int
+
+
+def proc_open_fds(pid: int) -> int:
+    """Open file descriptors of a process: the entries of /proc/<pid>/fd."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 class ProcSampler:
@@ -178,6 +188,7 @@ class ProcSampler:
             proc_cpu_seconds(self.pid),
             proc_status_kb(self.pid, "VmRSS"),
             proc_status_kb(self.pid, "VmHWM"),
+            proc_open_fds(self.pid),
         )
 
     def _run(self) -> None:
@@ -195,6 +206,14 @@ class ProcSampler:
         self._thread.join()
         with contextlib.suppress(OSError, KeyError, ValueError):
             self.samples.append(self._read())
+
+    def at(self, t: float) -> Sample:
+        """The last sample taken at or before `t` (the first one if none was)."""
+        before = [s for s in self.samples if s.t <= t]
+        return before[-1] if before else self.samples[0]
+
+    def during(self, start: float, end: float) -> list[Sample]:
+        return [s for s in self.samples if start <= s.t <= end]
 
     def cpu_at(self, t: float) -> float:
         before = [s for s in self.samples if s.t <= t]
@@ -978,6 +997,15 @@ def summarize(
         for r in reports
         if r["trainers"]
     ]
+    per_round = []
+    for r, (s, e) in enumerate(zip(starts, ends, strict=True), start=1):
+        if not (math.isfinite(s) and math.isfinite(e)):
+            continue
+        window = sampler.during(s, e) or [sampler.at(e)]
+        end = sampler.at(e)
+        per_round.append({"round": r, "end_rss_bytes": end.rss_kb * 1024, "end_fds": end.fds,
+                          "peak_rss_bytes": max(x.rss_kb for x in window) * 1024,
+                          "peak_fds": max(x.fds for x in window)})  # fmt: skip
     out: dict[str, Any] = {
         "scenario": sc.name,
         "params": sc.params,
@@ -995,6 +1023,11 @@ def summarize(
         "aggregator_idle_rss_bytes": idle,
         "aggregator_peak_rss_bytes": hwm,
         "aggregator_peak_over_model": (hwm - idle) / model_b,
+        "aggregator_idle_fds": sampler.samples[0].fds,
+        # after every trainer process exited (or was stopped), before the aggregator stops
+        "aggregator_final_fds": sampler.samples[-1].fds,
+        "aggregator_final_rss_bytes": sampler.samples[-1].rss_kb * 1024,
+        "aggregator_per_round": per_round,
         "aggregator_cpu_s_per_trainer_round": cpu_per,
         "aggregator_cpu_s_per_trainer_round_per_100MB": cpu_per * 100e6 / model_b,
         "client_extra_peak_per_trainer_over_model": (
@@ -1137,6 +1170,24 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_f(s['client_extra_peak_per_trainer_over_model'])}x | "
             f"{s['failed_trainers']} | {s['retries']} |"
         )
+    for s in result["scenarios"]:
+        if not s.get("aggregator_per_round"):
+            continue
+        lines += [
+            "",
+            f"{s['scenario']}: the aggregator's RSS and open file descriptors per round "
+            f"(idle before anyone joined: {s['aggregator_idle_rss_bytes'] / 1e6:.0f} MB, "
+            f"{s['aggregator_idle_fds']} fds; once every trainer was done: "
+            f"{s['aggregator_final_rss_bytes'] / 1e6:.0f} MB, {s['aggregator_final_fds']} fds)",
+            "",
+            "| round | RSS at end | peak RSS | fds at end | peak fds |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['round']} | {r['end_rss_bytes'] / 1e6:.0f} MB | "
+            f"{r['peak_rss_bytes'] / 1e6:.0f} MB | {r['end_fds']} | {r['peak_fds']} |"
+            for r in s["aggregator_per_round"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -1192,7 +1243,9 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
     if "resnet" in args.only:
         out.append(Scenario("resnet50-tf", 0, 2, rounds, 2, env=launcher_env(), trainer="resnet50"))
     if "scale" in args.only:
-        out.append(Scenario("scale-n256", SMALL_PARAMS, 256, 3, 8, env=launcher_env()))
+        out.append(
+            Scenario("scale-n256", SMALL_PARAMS, 256, args.scale_rounds, 8, env=launcher_env())
+        )
     return out
 
 
@@ -1201,6 +1254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny smoke run (CI)")
     p.add_argument("--params", type=int, default=RESNET50_PARAMS)
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--scale-rounds", type=int, default=3, help="rounds of the scale scenario")
     p.add_argument("--trainers", type=int, nargs="+", default=[2, 8, 32])
     p.add_argument(
         "--train-images", type=int, default=256, help="resnet: CIFAR-format images, all trainers"

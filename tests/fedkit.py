@@ -79,7 +79,7 @@ from hfl_common.codec import StreamDecoder, encode_tensors, specs_of
 from hfl_common.config import FederationPlan, load_plan
 from hfl_common.ratls import EnclaveKey
 from hfl_common.runtime import Enclave, EnclaveOptions
-from hfl_common.server import ServerConfig, make_channel, role_dns_name
+from hfl_common.server import CallLimits, ServerConfig, make_channel, role_dns_name
 from hfl_common.tee import EnclaveIdentity, QuoteVerifier, SimulatedPlatform, SimulatedProvider
 
 Weights = dict[str, npt.NDArray[Any]]
@@ -294,6 +294,7 @@ def start_aggregator(
     upload_slots: int = 1,
     serve_metrics: bool = False,
     header_timeout_seconds: float = 10.0,
+    call_limits: CallLimits | None = None,
 ) -> RunningAggregator:
     """The aggregator in-process on 127.0.0.1 port 0; call .stop(0) when done.
 
@@ -311,6 +312,7 @@ def start_aggregator(
         header_timeout_seconds=header_timeout_seconds,
         tick_seconds=tick_seconds,
         grace_seconds=0.5,
+        call_limits=call_limits or CallLimits(),
     )
     return build_aggregator(config, registry or CollectorRegistry())
 

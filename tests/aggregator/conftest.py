@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from hfl_aggregator.main import RunningAggregator
 from hfl_attestation.service import RunningAttestationService
+from hfl_common.server import CallLimits
 from tests import fedkit
 
 # Examples per trainer: FedAvg weights 3/4 and 1/4, so weighted means of multiples of 1/4
@@ -82,6 +83,7 @@ def start_aggregator(
         *,
         state_dir: Path | None = None,
         header_timeout_seconds: float = 10.0,
+        call_limits: CallLimits | None = None,
     ) -> RunningAggregator:
         plan = files.write_plan(spec)
         state = state_dir or tmp_path / f"aggregator-{len(started)}"
@@ -92,6 +94,7 @@ def start_aggregator(
             attestation.target,
             registry=CollectorRegistry(),
             header_timeout_seconds=header_timeout_seconds,
+            call_limits=call_limits,
         )
         started.append(aggregator)
         return aggregator

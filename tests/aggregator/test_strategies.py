@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from hfl_aggregator.accumulate import (
     Array,
@@ -154,6 +156,106 @@ def test_multi_krum_refuses_m_above_n_minus_f() -> None:
         InvalidArgumentError, match=r"selects m in \[1, n - f\] = \[1, 4\] updates, got m = 5"
     ):
         agg.multi_krum(updates, 1, 5)
+
+
+# ------------------------------------------- what a Byzantine minority can do
+
+# n = 8 updates of which f are Byzantine and send anything: sign-flipped honest updates
+# scaled up to 1e6, or huge values in random directions.
+N_UPDATES = 8
+
+
+def _honest_and_byzantine(
+    seed: int, f: int, scale: float, spread: float
+) -> tuple[list[Weights], list[Weights]]:
+    rng = np.random.default_rng(seed)
+    centre = rng.standard_normal(16)
+    honest = [{"w": centre + spread * rng.standard_normal(16)} for _ in range(N_UPDATES - f)]
+    byzantine: list[Weights] = []
+    for i in range(f):
+        if i % 2 == 0:  # sign flip of an honest update, scaled
+            byzantine.append({"w": -scale * honest[i]["w"]})
+        else:  # anything large
+            byzantine.append({"w": scale * rng.standard_normal(16)})
+    return honest, byzantine
+
+
+def _interleave(honest: list[Weights], byzantine: list[Weights]) -> list[Weights]:
+    # Byzantine updates first, as in benchmarks/bench_byzantine.py: order must not matter.
+    return byzantine + honest
+
+
+def _honest_range(honest: list[Weights]) -> tuple[Array, Array]:
+    stack = np.stack([u["w"] for u in honest])
+    return stack.min(axis=0), stack.max(axis=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    f=st.integers(0, N_UPDATES // 2 - 1),
+    scale=st.floats(1.0, 1e6),
+)
+def test_median_stays_in_the_honest_range_whatever_a_minority_sends(
+    seed: int, f: int, scale: float
+) -> None:
+    # Each coordinate of the median is the mean of the 4th and 5th of 8 values; with
+    # f <= 3 Byzantine values, both lie between the smallest and largest honest value.
+    honest, byzantine = _honest_and_byzantine(seed, f, scale, spread=0.1)
+    result = agg.median(_interleave(honest, byzantine))["w"]
+    low, high = _honest_range(honest)
+    assert np.all(result >= low)
+    assert np.all(result <= high)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), f=st.integers(1, 3), scale=st.floats(1.0, 1e6))
+def test_a_trimmed_mean_trimming_at_least_f_per_side_stays_in_the_honest_range(
+    seed: int, f: int, scale: float
+) -> None:
+    # beta = f / n trims f values per side; the kept ones lie between honest values.
+    honest, byzantine = _honest_and_byzantine(seed, f, scale, spread=0.1)
+    result = agg.trimmed_mean(_interleave(honest, byzantine), f / N_UPDATES)["w"]
+    low, high = _honest_range(honest)
+    assert np.all(result >= low - 1e-12)
+    assert np.all(result <= high + 1e-12)
+
+
+def test_a_trimmed_mean_trimming_fewer_than_f_is_dragged_by_the_outliers() -> None:
+    # 2 Byzantine values of 1e6 against 6 honest ones of 1; trimming 1 per side keeps
+    # one 1e6: the mean of the 6 kept values is (1e6 + 5 * 1) / 6.
+    updates = [model(1e6), model(1e6)] + [model(1.0)] * 6
+    np.testing.assert_allclose(agg.trimmed_mean(updates, 1 / 8)["w"], [(1e6 + 5.0) / 6])
+    np.testing.assert_allclose(agg.trimmed_mean(updates, 2 / 8)["w"], [1.0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), f=st.integers(1, 2), scale=st.floats(3.0, 1e6))
+def test_multi_krum_drops_far_byzantine_updates_and_returns_the_honest_mean(
+    seed: int, f: int, scale: float
+) -> None:
+    # An honest update's Krum score is at most (n - f - 2) * D, D the largest squared
+    # distance between honest updates; a Byzantine one's at least (n - 2f - 1) * d**2,
+    # d its distance to the nearest honest update. Far enough, every Byzantine update
+    # scores worse than every honest one, and Multi-Krum with m = n - f averages exactly
+    # the honest updates.
+    honest, byzantine = _honest_and_byzantine(seed, f, scale, spread=0.05)
+    stack = np.stack([u["w"] for u in honest])
+    worst_honest = max(float(np.sum((a - b) ** 2)) for a in stack for b in stack)
+    nearest = min(float(np.sum((b["w"] - h) ** 2)) for b in byzantine for h in stack)
+    assume(nearest * (N_UPDATES - 2 * f - 1) > worst_honest * (N_UPDATES - f - 2))
+    updates = _interleave(honest, byzantine)
+    chosen = agg.krum_select(agg.model_sq_distances(updates), f, N_UPDATES - f)
+    assert sorted(chosen) == list(range(f, N_UPDATES))
+    np.testing.assert_allclose(
+        agg.multi_krum(updates, f, N_UPDATES - f)["w"], stack.mean(axis=0), rtol=1e-12
+    )
+
+
+def test_fedavg_is_moved_without_bound_by_one_sign_flipped_update() -> None:
+    # 7 honest updates of 1 and one of -1e6 (weights equal): the mean is (7 - 1e6) / 8.
+    updates = [model(-1e6)] + [model(1.0)] * 7
+    np.testing.assert_allclose(agg.weighted_mean(updates, [1.0] * 8)["w"], [(7 - 1e6) / 8])
 
 
 # ----------------------------------------------------------- server optimizers

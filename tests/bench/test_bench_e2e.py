@@ -41,6 +41,15 @@ def test_the_quick_end_to_end_benchmark_reports_every_figure(tmp_path: Path) -> 
         assert s["aggregator_cpu_s_per_trainer_round"] >= 0, name
         assert math.isfinite(s["round_over_bound"]), name
         assert math.isfinite(s["client_extra_peak_per_trainer_over_model"]), name
+        # the aggregator's resources per round: RSS and open file descriptors
+        assert [r["round"] for r in s["aggregator_per_round"]] == list(range(1, s["rounds"] + 1)), (
+            name
+        )
+        for r in s["aggregator_per_round"]:
+            assert r["peak_fds"] >= r["end_fds"] > 0, (name, r)
+            assert r["peak_rss_bytes"] >= r["end_rss_bytes"] > 0, (name, r)
+        assert s["aggregator_idle_fds"] > 0, name
+        assert s["aggregator_final_fds"] > 0, name
     # the aggregator's environment as `hfl run` sets it, and the contrast without it
     assert scenarios["rounds-quick-n2"]["aggregator_env"] == {
         "MALLOC_ARENA_MAX": "2",
@@ -53,4 +62,5 @@ def test_the_quick_end_to_end_benchmark_reports_every_figure(tmp_path: Path) -> 
         assert transfer[key] > 0, key
     table = (tmp_path / "e2e-smoke-quick.md").read_text()
     assert "| scale-quick-n8 |" in table
+    assert "scale-quick-n8: the aggregator's RSS and open file descriptors per round" in table
     assert "download" in table

@@ -1,8 +1,9 @@
 """Faults in the middle of a round, against a real aggregator over mutual RA-TLS.
 
-A trainer's upload cut mid-stream by a TCP proxy, a trainer process SIGKILLed in the
-middle of its upload: each is refused or dropped, nothing of it reaches the model, and
-the round goes on with the others to the exact FedAvg of the updates that did arrive.
+A trainer's upload cut mid-stream by a TCP proxy, stalled mid-stream by it (the proxy
+stops forwarding without closing), a trainer process SIGKILLed in the middle of its
+upload: each is refused or dropped, nothing of it reaches the model, and the round goes
+on with the others to the exact FedAvg of the updates that did arrive.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import concurrent.futures
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +26,7 @@ import pytest
 from hfl_aggregator.main import RunningAggregator
 from hfl_attestation.service import RunningAttestationService
 from hfl_common.api import aggregator_pb2
+from hfl_common.server import CallLimits, StreamLimits
 from tests import fedkit
 from tests.aggregator.conftest import (  # noqa: F401 (fixtures)
     AggregatorFactory,
@@ -117,6 +120,99 @@ def test_an_upload_cut_mid_stream_by_a_proxy_is_refused_and_the_round_completes_
         for name, array in expected.items():
             np.testing.assert_array_equal(weights[name], array)
     finally:
+        proxy.close()
+
+
+def stream_cuts(aggregator: RunningAggregator, reason: str) -> float:
+    """Upload streams the server cut by a stream deadline (reason stream_idle/stream_max)."""
+    return fedkit.metric_value(
+        aggregator.registry,
+        "hfl_grpc_refusals_total",
+        service="hfl.v1.AggregatorService",
+        method="UploadUpdate",
+        reason=reason,
+    )
+
+
+def test_an_upload_stalled_mid_stream_frees_the_only_slot_at_its_idle_deadline(
+    start_aggregator: AggregatorFactory,  # noqa: F811
+    trainers: Trainers,  # noqa: F811
+) -> None:
+    # One upload slot; a stream silent for 2 s is cut; a trainer not heard from for 4 s is
+    # lost; the round needs one update and its deadline (120 s) is far beyond the test.
+    spec = fedkit.PlanSpec(
+        rounds=2,
+        min_trainers=2,
+        min_updates=1,
+        evaluate_every=100,
+        liveness_seconds=4.0,
+        round_timeout_seconds=120.0,
+    )
+    limits = CallLimits(streams=StreamLimits(idle_seconds=2.0, max_seconds=120.0))
+    aggregator = start_aggregator(spec, call_limits=limits)
+    host, port = aggregator.target.rsplit(":", 1)
+    proxy = ControlledProxy(host, int(port))
+    release = threading.Event()
+    try:
+        stalled, direct = trainers.t2, trainers.t1
+        stalled.connect(proxy.target, aggregator.plan).join()
+        direct.connect(aggregator.target, aggregator.plan).join()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            waits = [pool.submit(t.wait_for_task, TRAIN, timeout=60) for t in (stalled, direct)]
+            task_s, task_d = (w.result() for w in waits)
+        _, base = direct.download()
+
+        # The stalled trainer sends its header and half its chunks, then the proxy stops
+        # forwarding (the connection stays open): the aggregator holds the upload slot,
+        # reading a stream that says nothing more.
+        messages = fedkit.update_messages(
+            stalled.update_header(task_s), delta(base, 0.75), chunk_bytes=16
+        )
+        half = len(messages) // 2
+        sent_half = threading.Event()
+
+        def stalling() -> Iterator[aggregator_pb2.UploadUpdateRequest]:
+            for message in messages[:half]:
+                yield message
+                time.sleep(0.02)
+            time.sleep(0.5)  # let the proxy pass those on before it stalls
+            proxy.stall()
+            sent_half.set()
+            for message in messages[half:]:  # swallowed by the proxy
+                yield message
+            release.wait(60)
+
+        def upload_stalled() -> grpc.StatusCode | None:
+            try:
+                stalled.stub.UploadUpdate(stalling(), timeout=60)
+            except grpc.RpcError as exc:
+                return exc.code()
+            return None
+
+        cuts_before = stream_cuts(aggregator, "stream_idle")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            stalled_call = pool.submit(upload_stalled)
+            assert sent_half.wait(30), "the stalled upload never got going"
+            # The other trainer's upload needs the only slot: it goes through once the
+            # stalled stream was cut at its idle deadline, not before.
+            response = direct.upload(delta(base, -0.5), task_d)
+            assert response.disposition != aggregator_pb2.UPDATE_DISPOSITION_UNSPECIFIED
+            assert stream_cuts(aggregator, "stream_idle") == cuts_before + 1
+            release.set()
+            proxy.close()  # the stalled client hears its connection go
+            assert stalled_call.result(timeout=60) is not None
+
+        # Liveness drops the stalled trainer; the round closes on the one whole update,
+        # long before its 120 s deadline, and nothing of the stalled half is in it.
+        fedkit.wait_until(lambda: aggregator.engine.model()[1] == 1, "model version 1", timeout=60)
+        expected = fedavg(base, [(direct.num_examples, delta(base, -0.5))])
+        _, _, weights = aggregator.engine.model()
+        for name, array in expected.items():
+            np.testing.assert_array_equal(weights[name], array)
+        first = next(r for r in aggregator.engine.snapshot().rounds if r.round == 1)
+        assert first.updates == 1
+    finally:
+        release.set()
         proxy.close()
 
 

@@ -232,6 +232,8 @@ def test_argv_is_fixed_and_runs_the_service_module(role: str) -> None:
         "HFL_NUM_PARTITIONS",
         "HFL_PCCS_URL",
         "HFL_RELAY_UPSTREAM",
+        "HFL_PARTY",
+        "HFL_PARTY_KEY",
     }
 
 
@@ -245,6 +247,56 @@ def test_only_the_trainer_gets_per_party_settings_from_the_host() -> None:
     assert env["trainer"]["HFL_LABEL"] == {"passthrough": True}
     assert "/etc/hfl/plan.toml" in str(render("aggregator")["sgx"]["trusted_files"])
     assert "file:/data/" in render("trainer")["sgx"]["allowed_files"]
+    assert env["trainer"]["HFL_PARTY"] == {"passthrough": True}
+    assert env["trainer"]["HFL_PARTY_KEY"] == {"passthrough": True}
+
+
+def test_the_trainer_reads_its_party_and_key_from_the_passed_through_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The names the manifest passes through are the ones the trainer's flags read
+    # (hfl_common.runtime: --party <- HFL_PARTY, --party-key <- HFL_PARTY_KEY), with
+    # the manifest's own fixed argv.
+    import argparse
+
+    from hfl_common.runtime import EnclaveOptions, add_enclave_flags, parse_service_args
+
+    loader = render("trainer")["loader"]
+    argv = loader["argv"][loader["argv"].index("--listen") :]
+    parser = argparse.ArgumentParser(prog="hfl-trainer")
+    add_enclave_flags(parser, listen="127.0.0.1:7410", metrics_listen="127.0.0.1:9410")
+    for flag in ("--plan", "--data-dir", "--output-dir", "--project"):  # hfl_trainer.main's own
+        parser.add_argument(flag)
+    # What Gramine hands the enclave: only the variables the manifest passes through.
+    host = {"HFL_PARTY": "party-a", "HFL_PARTY_KEY": "/keys/party/party.key.pem"}
+    passed = {k for k, v in loader["env"].items() if v == {"passthrough": True}}
+    for name, value in host.items():
+        if name in passed:
+            monkeypatch.setenv(name, value)
+        else:
+            monkeypatch.delenv(name, raising=False)
+    options = EnclaveOptions.from_args("trainer", parse_service_args(parser, argv))
+    assert options.party == "party-a"
+    assert options.party_key == Path("/keys/party/party.key.pem")
+    assert options.tee == "gramine"
+    assert options.state_dir == Path("/var/lib/hfl")
+
+
+def test_the_party_key_is_an_allowed_file_on_its_own_mount_never_a_measured_one() -> None:
+    # Each party has its own key, so it cannot be measured into the one trainer
+    # MRENCLAVE; it is read from /keys/party/, which no other role can open.
+    trainer = render("trainer")
+    assert {"path": "/keys/party", "uri": "file:/keys/party"} in trainer["fs"]["mounts"]
+    assert "file:/keys/party/" in trainer["sgx"]["allowed_files"]
+    assert not [t for t in trainer["sgx"]["trusted_files"] if "/keys" in t]
+    # No insecure key for an encrypted mount; the only encrypted mount is the sealed state.
+    assert "insecure__keys" not in trainer["fs"]
+    for role in ("attestation", "aggregator"):
+        manifest = render(role)
+        assert not [m for m in manifest["fs"]["mounts"] if m["path"].startswith("/keys")]
+        assert not [a for a in manifest["sgx"]["allowed_files"] if "/keys" in a]
+        assert "HFL_PARTY" not in manifest["loader"]["env"]
+        assert "HFL_PARTY_KEY" not in manifest["loader"]["env"]
 
 
 @pytest.mark.parametrize(
@@ -358,7 +410,11 @@ from graminelibos import Manifest
 text = open({str(GRAMINE / f"{role}.manifest.template")!r}).read()
 m = Manifest.from_template(text, json.loads(sys.argv[1]))
 m.check()
-print(json.dumps(m["sgx"]["max_threads"]))
+print(json.dumps({{
+    "max_threads": m["sgx"]["max_threads"],
+    "env": m["loader"]["env"],
+    "allowed_files": m["sgx"]["allowed_files"],
+}}))
 """
     proc = subprocess.run(
         [sys.executable, "-c", code, json.dumps(DEFINES)],
@@ -368,7 +424,15 @@ print(json.dumps(m["sgx"]["max_threads"]))
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert int(proc.stdout.strip()) == render(role)["sgx"]["max_threads"]
+    rendered = json.loads(proc.stdout)
+    assert rendered["max_threads"] == render(role)["sgx"]["max_threads"]
+    party = {k: rendered["env"].get(k) for k in ("HFL_PARTY", "HFL_PARTY_KEY")}
+    if role == "trainer":
+        # Gramine's own renderer and schema accept the party's passthrough and its key file.
+        assert party == {"HFL_PARTY": {"passthrough": True}, "HFL_PARTY_KEY": {"passthrough": True}}
+        assert "file:/keys/party/" in rendered["allowed_files"]
+    else:
+        assert party == {"HFL_PARTY": None, "HFL_PARTY_KEY": None}
 
 
 # --- gramine/trusted_inputs.py -------------------------------------------

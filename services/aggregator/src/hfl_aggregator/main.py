@@ -20,7 +20,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -53,6 +53,7 @@ from hfl_common.runtime import (
     write_port_file,
 )
 from hfl_common.server import (
+    CallLimits,
     PeerIdentity,
     RunningServer,
     ServerConfig,
@@ -134,6 +135,9 @@ class AggregatorConfig:
     grace_seconds: float = 10.0
     # HOST:PORT of the root aggregator: this aggregator is a relay (hfl_aggregator.relay).
     relay_upstream: str | None = None
+    # Per-peer and global call limits, stream idle and whole-stream deadlines (defaults:
+    # hfl_common.server.CallLimits; tests shorten the deadlines).
+    call_limits: CallLimits = field(default_factory=CallLimits)
 
     def __post_init__(self) -> None:
         if self.relay_upstream is not None and self.enclave.role != "relay":
@@ -281,6 +285,7 @@ def build_aggregator(config: AggregatorConfig, registry: CollectorRegistry) -> R
                 port=port,
                 grace_seconds=config.grace_seconds,
                 max_workers=config.max_workers,
+                limits=config.call_limits,
             ),
             services=[
                 ServiceRegistration(
