@@ -536,8 +536,7 @@ class RoundEngine:
                     rec = self._registry.get(t)
                     if t not in r.evals and (rec is None or not self._registry.is_live(rec, now)):
                         r.lost.add(t)
-                waiting = [t for t in r.eval_selected if t not in r.evals and t not in r.lost]
-                if now >= r.eval_deadline or not waiting:
+                if now >= r.eval_deadline or self._every_evaluator_answered(r):
                     pending = self._finish_evaluation()
             self._cond.notify_all()
         self._write(pending)
@@ -962,13 +961,8 @@ class RoundEngine:
         pending: _Pending = None
         with self._cond:
             record = self._registry.touch(session_id, caller, self._clock())
-            r = self._round
-            if (
-                self._phase is not Phase.EVALUATING
-                or r is None
-                or round_number != r.round
-                or model_version != r.eval_version
-            ):
+            r = self._evaluation_of(round_number, model_version)
+            if r is None:
                 raise FailedPreconditionError(
                     f"evaluation of round {round_number} (model version {model_version}) is "
                     f"stale: the federation is at round {self._completed + 1} "
@@ -982,7 +976,7 @@ class RoundEngine:
                     "duplicate",
                 )
             r.evals[record.trainer_id] = (num_examples, loss, accuracy)
-            if all(t in r.evals or t in r.lost for t in r.eval_selected):
+            if self._every_evaluator_answered(r):
                 pending = self._finish_evaluation()
             self._cond.notify_all()
         self._write(pending)
@@ -995,21 +989,32 @@ class RoundEngine:
         pending: _Pending = None
         with self._cond:
             record = self._registry.touch(session_id, caller, self._clock())
-            r = self._round
-            if (
-                self._phase is not Phase.EVALUATING
-                or r is None
-                or round_number != r.round
-                or model_version != r.eval_version
-                or record.trainer_id not in r.eval_selected
-                or record.trainer_id in r.evals
-            ):
+            r = self._evaluation_of(round_number, model_version)
+            tid = record.trainer_id
+            if r is None or tid not in r.eval_selected or tid in r.evals:
                 return
             r.lost.add(record.trainer_id)
-            if all(t in r.evals or t in r.lost for t in r.eval_selected):
+            if self._every_evaluator_answered(r):
                 pending = self._finish_evaluation()
             self._cond.notify_all()
         self._write(pending)
+
+    def _evaluation_of(self, round_number: int, model_version: int) -> SyncRound | None:
+        """The round whose evaluation of `model_version` is running now, else None
+        (another phase, another round or another version: a stale report)."""
+        r = self._round
+        if (
+            self._phase is not Phase.EVALUATING
+            or r is None
+            or round_number != r.round
+            or model_version != r.eval_version
+        ):
+            return None
+        return r
+
+    @staticmethod
+    def _every_evaluator_answered(r: SyncRound) -> bool:
+        return all(t in r.evals or t in r.lost for t in r.eval_selected)
 
     def _finish_evaluation(self) -> _Pending:
         r = self._round
