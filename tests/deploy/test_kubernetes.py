@@ -75,8 +75,9 @@ WORKLOADS = {
 }
 # The image (and Dockerfile) a service runs in simulation: a relay is the aggregator.
 IMAGE_SERVICE = {"relay": "aggregator"}
-# What a relay sets beyond the compose aggregator's environment: its root.
-RELAY_ENV = {"HFL_RELAY_UPSTREAM": "aggregator:7401"}
+# What a relay sets beyond the compose aggregator's environment: its root, and its
+# display name at the root (the pod's name, from the downward API).
+RELAY_ENV = {"HFL_RELAY_UPSTREAM": "aggregator:7401", "HFL_LABEL": "<pod name>"}
 # The SGX relay image: built FROM hfl-sgx-aggregator with the relay's own manifest.
 RELAY_DOCKERFILE = DEPLOY / "sgx-relay.Dockerfile"
 # Which compose service each rendered workload corresponds to.
@@ -1434,7 +1435,9 @@ def test_the_tiered_simulated_overlay_is_the_flat_one_plus_relays(
     aggregator = tiered.find("StatefulSet", "aggregator")
     assert service_container(relay)["image"] == service_container(aggregator)["image"]
     relay_env = env_of(service_container(relay))
-    assert relay_env == {**env_of(service_container(aggregator)), **RELAY_ENV}
+    aggregator_env = env_of(service_container(aggregator))
+    assert set(relay_env) == set(aggregator_env) | set(RELAY_ENV)
+    assert {k: relay_env[k] for k in aggregator_env} == aggregator_env
     assert mounts_of(relay).keys() == mounts_of(aggregator).keys()
 
 
@@ -1470,9 +1473,14 @@ def test_relays_dial_the_root_keep_sealed_state_and_have_stable_names(
     labels = relay["spec"]["template"]["metadata"]["labels"]
     assert all(labels[k] == v for k, v in svc["spec"]["selector"].items())
     assert svc["spec"]["selector"]["app.kubernetes.io/component"] == "relay"
-    # The relay's manifest lets the root's address through (else it would be ignored).
+    # Each relay is named after its pod in the root's Status.
+    assert env_of(service_container(relay))["HFL_LABEL"] == {
+        "fieldRef": {"fieldPath": "metadata.name"}
+    }
+    # The relay's manifest lets both through (else they would be ignored).
     manifest_env = render_manifest("relay")["loader"]["env"]
     assert manifest_env["HFL_RELAY_UPSTREAM"] == {"passthrough": True}
+    assert manifest_env["HFL_LABEL"] == {"passthrough": True}
 
 
 def test_only_trainers_and_operators_reach_a_relays_grpc_port_and_relays_reach_the_root(
