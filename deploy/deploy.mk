@@ -40,7 +40,8 @@ base-images:
 	@deploy/base/build-base-images.sh
 
 # Two stages, one command: deploy/sgx-images.sh builds and signs attestation
-# and aggregator with the agreed policy, pins their MRENCLAVEs into the
+# and aggregator (and, when the policy has [roles.relay], the relay FROM the
+# aggregator image) with the agreed policy, pins their MRENCLAVEs into the
 # trainers' policy (deploy/config/policy.trainer.toml), then builds and signs
 # the trainer with it (docs/deployment.md, "Signing and the policy").
 sgx-images:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make sgx-images`: build and sign the three SGX images in the order that
+# `make sgx-images`: build and sign the SGX images in the order that
 # lets trainers pin the central services by MRENCLAVE (docs/deployment.md):
 #
 #   1. hfl-sgx-attestation and hfl-sgx-aggregator, with the agreed policy
@@ -11,6 +11,13 @@
 #      --pin-into): the agreed policy plus those two MRENCLAVEs;
 #   3. hfl-sgx-trainer with that policy: a trainer accepts exactly this
 #      attestation service and aggregator code, not anything the key signs.
+#
+# A tiered federation (the agreed policy has a [roles.relay] table): after
+# the aggregator, hfl-sgx-relay is built FROM it (deploy/sgx-relay.Dockerfile:
+# the relay's own manifest, gramine/relay.manifest.template, signed with the
+# same key: its own MRENCLAVE), and pinned in step 2 as well, so trainers
+# accept exactly this relay code too. Without [roles.relay] no relay image is
+# built (a flat federation).
 #
 # Settings (deploy/deploy.mk passes them): SGX_SIGNING_KEY, HFL_ISVSVN,
 # HFL_SGX_IMAGE_TAG, PCCS_URL, USE_SECURE_CERT, GRAMINE_BUILD, GRAMINE_POLICY_PY.
@@ -51,6 +58,15 @@ build() {  # $1 service, $2 policy file in deploy/config
     -t "hfl-sgx-$1:$TAG" .
 }
 
+build_relay() {  # FROM the aggregator image just built: same site, policy and plan
+  echo "make sgx-images: building and signing hfl-sgx-relay:$TAG from hfl-sgx-aggregator:$TAG"
+  DOCKER_BUILDKIT=1 $DOCKER build "${net[@]}" -f deploy/sgx-relay.Dockerfile \
+    --build-arg "AGGREGATOR_IMAGE=hfl-sgx-aggregator:$TAG" \
+    --build-arg "ISVSVN=${HFL_ISVSVN:-1}" \
+    --secret "id=sgx_signing_key,src=$KEY" \
+    -t "hfl-sgx-relay:$TAG" gramine
+}
+
 copy_sig() {  # $1 service
   local cid
   mkdir -p "$OUT"
@@ -64,11 +80,19 @@ for svc in "${CENTRAL[@]}"; do
   build "$svc" policy.toml
   copy_sig "$svc"
 done
+pinned=("${CENTRAL[@]}")
+if grep -q '^\[roles\.relay\]' deploy/config/policy.toml; then
+  build_relay
+  copy_sig relay
+  pinned+=(relay)
+else
+  echo "make sgx-images: deploy/config/policy.toml has no [roles.relay]: no relay image (flat federation)"
+fi
 roles=()
-for svc in "${CENTRAL[@]}"; do roles+=(--role "$svc=$OUT/hfl-$svc.sig"); done
+for svc in "${pinned[@]}"; do roles+=(--role "$svc=$OUT/hfl-$svc.sig"); done
 "$PY" -m hfl_common.sigstruct --pin-into deploy/config/policy.toml "${roles[@]}" \
   --out deploy/config/policy.trainer.toml
-echo "make sgx-images: pinned ${CENTRAL[*]} by MRENCLAVE in deploy/config/policy.trainer.toml"
+echo "make sgx-images: pinned ${pinned[*]} by MRENCLAVE in deploy/config/policy.trainer.toml"
 build trainer policy.trainer.toml
 copy_sig trainer
 echo "make sgx-images: done; SIGSTRUCTs in $OUT/ (make policy writes the [roles] tables for review)"

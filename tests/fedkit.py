@@ -674,6 +674,7 @@ class TestTrainer:
         base_model_version: int | None = None,
         task_id: str | None = None,
         train_loss: float = 0.5,
+        train_accuracy: float = 0.5,
     ) -> aggregator_pb2.UpdateHeader:
         """The UpdateHeader for `task`, every field overridable (a fresh nonce by default)."""
         return aggregator_pb2.UpdateHeader(
@@ -687,7 +688,7 @@ class TestTrainer:
             num_examples=self.num_examples if num_examples is None else num_examples,
             nonce=secrets.token_bytes(16) if nonce is None else nonce,
             train_loss=train_loss,
-            train_accuracy=0.5,
+            train_accuracy=train_accuracy,
         )
 
     def upload(

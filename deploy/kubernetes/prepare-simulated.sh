@@ -6,8 +6,9 @@
 #
 # Writes policy.toml, plan.toml, initial_weights.npz and sim-platform.tar.gz
 # (the simulated platform: development root, PCK chain, collateral and the
-# per-machine sealing secret) into overlays/simulated/agreed/ and
-# trainer/overlays/simulated/agreed/ (both git-ignored), and PARTY's private
+# per-machine sealing secret) into overlays/simulated/agreed/,
+# overlays/tiered-simulated/agreed/ and trainer/overlays/simulated/agreed/
+# (all git-ignored), and PARTY's private
 # enrolment key (default party-1; `hfl init` writes parties/<party>.key.pem)
 # as trainer/overlays/simulated/agreed/party.key.pem, for the trainer's
 # Secret hfl-party-key only: the central overlay gets no party key. The
@@ -39,7 +40,8 @@ if [ ! -f "$src/platform/sealing_secret" ]; then
     (umask 077 && head -c 32 /dev/urandom > "$src/platform/sealing_secret")
 fi
 
-for dest in "$here/overlays/simulated/agreed" "$here/trainer/overlays/simulated/agreed"; do
+for dest in "$here/overlays/simulated/agreed" "$here/overlays/tiered-simulated/agreed" \
+        "$here/trainer/overlays/simulated/agreed"; do
     mkdir -p "$dest"
     cp "$src/policy.toml" "$src/plan.toml" "$src/initial_weights.npz" "$dest/"
     (umask 077 && tar -C "$src" -czf "$dest/sim-platform.tar.gz" platform)

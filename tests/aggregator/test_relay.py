@@ -83,6 +83,11 @@ def update_for(label: str, round_number: int, template: Weights) -> Weights:
     }
 
 
+def train_loss_of(label: str, round_number: int) -> float:
+    """The training loss trainer `label` reports in `round_number` (differs per trainer)."""
+    return 0.1 * (1 + sorted(EXAMPLES).index(label)) + 1.0 / round_number
+
+
 def run_trainer(
     trainer: fedkit.TestTrainer, template: Weights, errors: list[BaseException]
 ) -> None:
@@ -94,7 +99,10 @@ def run_trainer(
                 return
             if task.kind == aggregator_pb2.TASK_KIND_TRAIN:
                 trainer.upload(
-                    update_for(trainer.label, task.round, template), task, chunk_bytes=1 << 16
+                    update_for(trainer.label, task.round, template),
+                    task,
+                    chunk_bytes=1 << 16,
+                    train_loss=train_loss_of(trainer.label, task.round),
                 )
             elif task.kind == aggregator_pb2.TASK_KIND_EVALUATE:
                 trainer.report_eval(task, loss=0.25, accuracy=0.5)
@@ -179,6 +187,7 @@ def test_two_relays_give_the_flat_federations_model(
             t.connect(flat.target, flat_plan).join()
         drive(list(trainers.values()), template)
         flat_version, flat_weights = final_model(flat)
+        flat_losses = [r.train_loss for r in flat.engine.snapshot().rounds]
     finally:
         flat.stop(0)
 
@@ -207,18 +216,45 @@ def test_two_relays_give_the_flat_federations_model(
         assert sorted(examples) == sorted(GROUPS)
         # ... and each relay's group evaluation became one report (4 x 0.25 loss).
         assert snap.rounds[-1].eval_examples == sum(EXAMPLES.values())
+        # Each relay forwarded its group's example-weighted training loss, so the root's
+        # round record has the flat federation's (not NaN).
+        root_losses = [r.train_loss for r in snap.rounds]
     finally:
         for relay in relays:
             relay.stop(0)
         root.stop(0)
 
     assert root_version == flat_version == 2
+    expected = [
+        sum(n * train_loss_of(label, rnd) for label, n in EXAMPLES.items()) / sum(EXAMPLES.values())
+        for rnd in (1, 2)
+    ]
+    np.testing.assert_allclose(flat_losses, expected, rtol=1e-12)
+    np.testing.assert_allclose(root_losses, expected, rtol=1e-12)
     for name, flat_tensor in flat_weights.items():
         # Not bit for bit: a relay's mean is rounded to float32 before the root sums it
         # again, and the float32 sums run in another order (docs/architecture.md, Relays).
         np.testing.assert_allclose(root_weights[name], flat_tensor, rtol=1e-6, atol=1e-7)
     moved = max(float(np.max(np.abs(flat_weights[n] - template[n]))) for n in template)
     assert moved > 1e-3, "the federation did not move the model: the comparison would be empty"
+
+
+def test_group_train_metrics_are_example_weighted_over_finite_reports() -> None:
+    from hfl_aggregator.engine.admission import UpdateMeta
+    from hfl_aggregator.relay import group_train_metrics
+
+    def meta(n: int, loss: float, accuracy: float) -> UpdateMeta:
+        return UpdateMeta("s", "t", 1, 0, "delta", n, b"", loss, accuracy)
+
+    loss, accuracy = group_train_metrics(
+        [meta(100, 1.0, 0.2), meta(300, 2.0, float("nan")), meta(50, float("nan"), 0.8)]
+    )
+    assert loss == pytest.approx((100 * 1.0 + 300 * 2.0) / 400)
+    assert accuracy == pytest.approx((100 * 0.2 + 50 * 0.8) / 150)
+    nan_loss, nan_accuracy = group_train_metrics([meta(10, float("nan"), float("inf"))])
+    assert np.isnan(nan_loss)
+    assert np.isnan(nan_accuracy)
+    assert all(np.isnan(v) for v in group_train_metrics([]))
 
 
 @pytest.mark.slow

@@ -242,8 +242,13 @@ def test_only_the_trainer_gets_per_party_settings_from_the_host() -> None:
     passed = {role: {k for k, v in e.items() if isinstance(v, dict)} for role, e in env.items()}
     assert passed["attestation"] == {"HFL_PCCS_URL"}
     assert passed["aggregator"] == {"HFL_ATTESTATION", "HFL_PCCS_URL"}
-    # The relay: the aggregator's settings plus its root's address.
-    assert passed["relay"] == {"HFL_ATTESTATION", "HFL_PCCS_URL", "HFL_RELAY_UPSTREAM"}
+    # The relay: the aggregator's settings plus its root's address and its display name.
+    assert passed["relay"] == {
+        "HFL_ATTESTATION",
+        "HFL_PCCS_URL",
+        "HFL_RELAY_UPSTREAM",
+        "HFL_LABEL",
+    }
     assert env["trainer"]["HFL_LABEL"] == {"passthrough": True}
     assert "/etc/hfl/plan.toml" in str(render("aggregator")["sgx"]["trusted_files"])
     assert "file:/data/" in render("trainer")["sgx"]["allowed_files"]
@@ -580,5 +585,5 @@ def test_the_relay_manifest_is_the_aggregators_but_for_its_product_id_and_upstre
     assert relay["sgx"]["trusted_files"] == aggregator["sgx"]["trusted_files"]
     assert relay["fs"] == aggregator["fs"]
     extra = set(relay["loader"]["env"]) - set(aggregator["loader"]["env"])
-    assert extra == {"HFL_RELAY_UPSTREAM"}
+    assert extra == {"HFL_RELAY_UPSTREAM", "HFL_LABEL"}
     assert "HFL_RELAY_UPSTREAM" not in aggregator["loader"]["env"]

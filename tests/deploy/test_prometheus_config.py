@@ -159,6 +159,39 @@ def test_trainer_down_fires_after_two_minutes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_relay_down_fires_after_two_minutes(tmp_path: Path) -> None:
+    """A relay scraped by the Kubernetes PodMonitor (job hfl-relay) that stops answering."""
+    relay = {"job": "hfl-relay", "instance": "10.1.2.3:9401", "component": "relay"}
+    up = 'up{job="hfl-relay",instance="10.1.2.3:9401",component="relay"}'
+    test = {
+        "interval": "1m",
+        "input_series": [{"series": up, "values": "1 1 0 0 0 0"}],
+        "alert_rule_test": [
+            _alert("3m", "HflRelayDown", []),  # down for 1 minute: pending
+            _alert("3m", "HflServiceDown", []),
+            _alert(
+                "5m",
+                "HflRelayDown",
+                [
+                    {
+                        "exp_labels": {**relay, "severity": "critical"},
+                        "exp_annotations": {
+                            "summary": "Relay 10.1.2.3:9401 is down",
+                            "description": (
+                                "Prometheus cannot scrape 10.1.2.3:9401 for 2 minutes: its group "
+                                "of trainers misses the root's rounds until it is back (it "
+                                "resumes from its sealed state)."
+                            ),
+                        },
+                    }
+                ],
+            ),
+        ],
+    }
+    proc = _run_rule_tests(tmp_path, [test])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_trainer_down_is_quiet_once_the_federation_is_done(tmp_path: Path) -> None:
     # Trainers exit 0 when the federation is done and stay exited (compose
     # restart: on-failure); that is not an outage. Before `done`, it is.

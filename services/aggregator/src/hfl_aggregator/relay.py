@@ -41,6 +41,7 @@ import numpy as np
 from google.protobuf.duration_pb2 import Duration
 
 from hfl_aggregator.accumulate import UpdateSource
+from hfl_aggregator.engine.admission import UpdateMeta
 from hfl_aggregator.engine.records import Phase, RoundState
 from hfl_aggregator.strategies import Strategy
 from hfl_aggregator.strategies.strategy import RoundConfig
@@ -90,6 +91,27 @@ def relay_engine_plan(plan: FederationPlan) -> FederationPlan:
         min_trainers=relays.group_min_trainers,
         min_updates=relays.group_min_updates,
         fraction=1.0,
+    )
+
+
+def group_train_metrics(updates: Iterable[UpdateMeta]) -> tuple[float, float]:
+    """(loss, accuracy): the example-weighted means of a group's reported training metrics,
+    each over the updates that reported a finite value (NaN when none did).
+
+    The root weights a participant's reported loss by its example count, as it does a
+    trainer's, so forwarding the group's weighted mean with the group's total gives the
+    root the flat federation's weighted mean over all trainers.
+    """
+    metas = list(updates)
+
+    def mean(values: list[tuple[int, float]]) -> float:
+        finite = [(k, v) for k, v in values if math.isfinite(v) and k > 0]
+        total = sum(k for k, _ in finite)
+        return sum(k * v for k, v in finite) / total if total else math.nan
+
+    return (
+        mean([(m.num_examples, m.train_loss) for m in metas]),
+        mean([(m.num_examples, m.train_accuracy) for m in metas]),
     )
 
 
@@ -428,6 +450,7 @@ class Uplink:
         mean = updates.mean()
         examples = round(updates.total_weight)
         count = updates.count
+        train_loss, train_accuracy = group_train_metrics(self.engine.aggregating_updates())
         _, base, _ = self.engine.model()
         timeout = self._plan.round_timeout_seconds * (self._plan.max_round_retries + 1)
         with self._cond:
@@ -454,8 +477,8 @@ class Uplink:
                 base_model_version=base,
                 kind=task.train.update_kind,
                 num_examples=examples,
-                train_loss=math.nan,
-                train_accuracy=math.nan,
+                train_loss=train_loss,
+                train_accuracy=train_accuracy,
             )
 
             def send(s: aggregator_pb2_grpc.AggregatorServiceStub) -> Any:

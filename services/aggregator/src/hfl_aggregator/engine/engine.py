@@ -276,6 +276,15 @@ class RoundEngine:
         with self._cond:
             return self._completed, self._version, self._weights
 
+    def aggregating_updates(self) -> tuple[UpdateMeta, ...]:
+        """The headers of the updates of the synchronous round being aggregated (empty in
+        any other phase): a relay forwards their training metrics (hfl_aggregator.relay)."""
+        with self._cond:
+            r = self._round
+            if r is None or self._phase is not Phase.AGGREGATING:
+                return ()
+            return tuple(r.received.values())
+
     def model_at(self, version: int) -> tuple[int, int, Weights]:
         """(round, version, weights) of model `version` (0: the current one): the current
         model, or one kept for an evaluation that is still running."""
