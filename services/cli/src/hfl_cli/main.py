@@ -3,6 +3,7 @@
     hfl run            a whole local federation (simulated TEE), the first thing to try
     hfl new            write a federation project you own (model.py, data.py, plan.toml)
     hfl evaluate       evaluate a model a federation exported, on local data
+    hfl verify-export  check an exported model's signature, certificate chain and hashes
     hfl attestation    the attestation service (federation CA)
     hfl aggregator     the aggregator (parameter server)
     hfl trainer        a trainer
@@ -28,8 +29,8 @@ from hfl_common.config import DATASETS, MODELS, STRATEGIES
 from hfl_common.runtime import run_main
 
 COMMANDS = (
-    "run", "new", "evaluate", "attestation", "aggregator", "trainer", "verify", "status",
-    "operator-cert", "init",
+    "run", "new", "evaluate", "verify-export", "attestation", "aggregator", "trainer", "verify",
+    "status", "operator-cert", "init",
 )  # fmt: skip
 
 
@@ -230,6 +231,7 @@ _DISPATCH: dict[str, Callable[[Sequence[str] | None], int]] = {
     "aggregator": _lazy("hfl_aggregator.main", "main"),
     "trainer": _lazy("hfl_trainer.main", "main"),
     "verify": _lazy("hfl_common.verify_cli", "verify_main"),
+    "verify-export": _lazy("hfl_common.export_signature", "verify_main"),
     "status": lambda argv: run_main(_lazy("hfl_cli.operator", "status_main"), argv),
     "operator-cert": lambda argv: run_main(_lazy("hfl_cli.operator", "operator_cert_main"), argv),
 }
