@@ -196,13 +196,23 @@ def _init_main(argv: Sequence[str] | None) -> int:
     )
     p.add_argument("directory", type=Path)
     p.add_argument("--trainers", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=int, help="default 10, or the project plan's")
+    p.add_argument(
+        "--project", type=Path,
+        help="a federation project (hfl new): its plan, and the trainer identity with its code",
+    )  # fmt: skip
     ns = p.parse_args(argv)
     if (ns.directory / "policy.toml").exists():
         # Re-running must not change identities or keys: the services' state depends on them.
         print(f"{ns.directory} is already initialised; leaving it as it is")
         return 0
-    prepared = prepare(ns.directory, PlanOptions(trainers=ns.trainers, rounds=ns.rounds))
+    options = PlanOptions(
+        trainers=ns.trainers,
+        rounds=10 if ns.rounds is None else ns.rounds,
+        project=ns.project,
+        project_rounds=ns.rounds,
+    )
+    prepared = prepare(ns.directory, options)
     print(
         f"wrote {prepared.policy}, {prepared.plan}, {prepared.platform}/, "
         f"{prepared.operator_dir}/, {prepared.directory / 'parties'}/"
