@@ -512,3 +512,14 @@ def test_project_image_adds_only_the_project_and_passes_it_to_the_trainer() -> N
     # The build context is a copy of what the identity measures, nothing else.
     assert "-name __pycache__" in script
     assert "! -name '*.pyc'" in script
+
+
+def test_sgx_trainer_image_measures_a_project_only_in_the_trainer() -> None:
+    dockerfile = (DOCKER / "Dockerfile.sgx").read_text()
+    assert "COPY deploy/config/project/ /opt/hfl/project/" in dockerfile
+    assert 'HFL_PROJECT_DIR="$project"' in dockerfile
+    assert 'test "${SERVICE}" = trainer' in dockerfile
+    script = (DEPLOY / "sgx-images.sh").read_text()
+    assert 'build trainer policy.trainer.toml "${project_args[@]}"' in script
+    assert 'build "$svc" policy.toml\n' in script  # the central services get no project
+    assert "! -name '*.pyc'" in script
