@@ -37,12 +37,15 @@ $DOCKER image inspect "$TRAINER_IMAGE" >/dev/null 2>&1 \
 
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
+mkdir "$ctx/project"
 # The files hfl_common.tee.identities.project_files measures, and only those.
 (cd "$project" && find . \( -name '.*' ! -name . -o -name __pycache__ \) -prune -o \
     -type f ! -name '*.pyc' -print0) \
-  | (cd "$project" && xargs -0 -r cp --parents -t "$ctx")
-files=$(find "$ctx" -type f | wc -l)
-bytes=$(du -sb "$ctx" | cut -f1)
+  | (cd "$project" && xargs -0 -r cp --parents -t "$ctx/project")
+# Readable by the trainer (uid hfl), writable by nobody but root.
+chmod -R a+rX,go-w "$ctx/project"
+files=$(find "$ctx/project" -type f | wc -l)
+bytes=$(du -sb "$ctx/project" | cut -f1)
 if [ "$bytes" -gt $((20 * 1024 * 1024)) ]; then
   die "$project holds $((bytes / 1024 / 1024)) MB: keep data out of the project (it is measured and shipped); the party's data is mounted at /data"
 fi

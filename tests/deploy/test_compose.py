@@ -505,9 +505,9 @@ def test_trainer_compose_refuses_to_start_without_what_a_party_must_give(
 def test_project_image_adds_only_the_project_and_passes_it_to_the_trainer() -> None:
     text = (DOCKER / "Dockerfile.project").read_text()
     assert froms(DOCKER / "Dockerfile.project") == ["${TRAINER_IMAGE}"]
-    assert "COPY . /opt/hfl/project/${PROJECT_NAME}/" in text
+    assert "COPY project/ /opt/hfl/project/${PROJECT_NAME}/" in text
     assert "ENV HFL_PROJECT=/opt/hfl/project/${PROJECT_NAME}" in text
-    assert re.search(r"^USER hfl$", text, flags=re.M)
+    assert not re.search(r"^USER ", text, flags=re.M)  # the base image's user hfl
     script = (DEPLOY / "trainer-image.sh").read_text()
     # The build context is a copy of what the identity measures, nothing else.
     assert "-name __pycache__" in script
