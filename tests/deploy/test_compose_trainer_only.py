@@ -330,7 +330,14 @@ def test_a_project_built_into_the_trainer_image_is_loaded_and_measured(
             'echo "$HFL_PROJECT"; cd "$HFL_PROJECT" && find . -type f | sort',
         ).split()  # fmt: skip
         assert listing[0] == "/opt/hfl/project/clinic"
-        assert listing[1:] == ["./__init__.py", "./data.py", "./model.py", "./plan.toml"]
+        # Exactly the project's files: the stale byte code beside them stayed out.
+        expected = sorted(
+            f"./{p.relative_to(project)}"
+            for p in project.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        )
+        assert "./model.py" in expected
+        assert listing[1:] == expected
 
         # The trainer itself, with the party's data mounted (never in the image): it
         # imports the project, loads and validates the data with the project's
