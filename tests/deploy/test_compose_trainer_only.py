@@ -369,5 +369,5 @@ def test_a_project_built_into_the_trainer_image_is_loaded_and_measured(
         model.write_text(model.read_text().replace('"""', '"""Edited. ', 1))
         assert _build(project, edited) != measured
     finally:
-        docker("rm", "-f", name, check=False)
+        docker("rm", "-f", "-v", name, check=False)  # -v: its anonymous /var/lib/hfl volume
         docker("rmi", image, edited, check=False)
