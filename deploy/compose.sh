@@ -5,6 +5,11 @@
 #   deploy/compose.sh down      stop and remove the containers (WIPE=1: the volumes too)
 #   deploy/compose.sh operator  copy the operator's key, the policy and the platform's
 #                               public root out of the volumes into $HFL_OPERATOR_OUT
+#   deploy/compose.sh party     copy what one party's trainer needs (policy, plan, initial
+#                               weights, simulated platform, its own key) into $HFL_PARTY_OUT
+#   deploy/compose.sh trainer-up / trainer-down
+#                               one party's trainer as its own compose project
+#                               (deploy/compose.trainer.yaml)
 #
 # Every check that can fail runs before anything starts: no Docker daemon, no
 # compose, a port in use, a base image that cannot be pulled, a volume made
@@ -22,6 +27,17 @@
 #                        no default bridge (dockerd --bridge=none), else the default
 #   HFL_GRAFANA          auto (default: when its image is present or can be pulled), 0, 1
 #   COMPOSE, DOCKER      the compose and docker commands (default: detected)
+#   HFL_SERVICES         up: start only these services (and what they depend on), e.g.
+#                        "attestation aggregator" for the central services alone
+#   HFL_BUILD            up: 1 (default) builds the images; 0 uses the hfl-*:$HFL_IMAGE_TAG
+#                        images already there
+# party (deploy/deploy.mk passes PARTY=): HFL_PARTY_NAME, HFL_PARTY_OUT
+# trainer-up / trainer-down (deploy/deploy.mk passes PARTY=, AGGREGATOR=, ...):
+#   HFL_TRAINER_PARTY, HFL_TRAINER_AGGREGATOR, HFL_TRAINER_ATTESTATION (host:port),
+#   HFL_TRAINER_PARTY_DIR (default build/parties/<party>), HFL_TRAINER_DATA,
+#   HFL_TRAINER_OUTPUT (default build/parties/<party>-model), HFL_TRAINER_IMAGE
+#   (default hfl-trainer:$HFL_IMAGE_TAG), HFL_TRAINER_METRICS_PORT (default 9410),
+#   HFL_TRAINER_PROJECT (compose project; default hfl-<party>)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -224,7 +240,13 @@ cmd_up() {
   choose_bases
   local t0 t1
   t0=$(date +%s)
-  if [ "$PROFILE" = simulated ]; then
+  if [ "$PROFILE" = simulated ] && [ "${HFL_BUILD:-1}" = 0 ]; then
+    local img
+    for img in "${SIM_IMAGES[@]}"; do
+      have_image "hfl-$img:$TAG" || die "HFL_BUILD=0 but there is no image hfl-$img:$TAG; build it with make up"
+    done
+    say "using the existing hfl-*:$TAG images (HFL_BUILD=0)"
+  elif [ "$PROFILE" = simulated ]; then
     build_images
   else
     local svc
@@ -236,8 +258,8 @@ cmd_up() {
   fi
   t1=$(date +%s)
   say "starting profile $PROFILE (project $PROJECT); waits until attestation and aggregator are healthy"
-  # shellcheck disable=SC2046
-  if ! compose $(profiles) up -d --no-build 2>&1 | tee "$TMPD/up.log"; then
+  # shellcheck disable=SC2046,SC2086  # HFL_SERVICES is a list of names
+  if ! compose $(profiles) up -d --no-build ${HFL_SERVICES:-} 2>&1 | tee "$TMPD/up.log"; then
     local stale="" boot cid
     boot=$(project_containers_of sim-bootstrap)
     if [ -n "$boot" ]; then
@@ -303,6 +325,101 @@ Next (with the README's .venv):
 EOF
 }
 
+cmd_party() {
+  # What one party's trainer needs, out of the simulated deployment's volumes, into
+  # $HFL_PARTY_OUT (default build/parties/<party>): the agreed policy, plan and initial
+  # weights, this party's own key (its party-N-key volume), and a copy of the simulated
+  # platform standing in for the party's own CPU, with a sealing secret of its own.
+  # Nothing of another party, of the operator or of a central service's state.
+  need_daemon
+  local party=${HFL_PARTY_NAME:-}
+  [[ "$party" =~ ^party-[0-9]+$ ]] \
+    || die "give the party: make party PARTY=party-1 (the simulated profile enrols party-1 and party-2)"
+  local out=${HFL_PARTY_OUT:-build/parties/$party} cid
+  cid=$(project_containers_of sim-bootstrap)
+  [ -n "$cid" ] || die "no sim-bootstrap container in project $PROJECT: run make up first"
+  rm -rf "$out"
+  mkdir -p "$out"
+  chmod 700 "$out"
+  $DOCKER cp "$cid:/parties/$party/party.key.pem" "$out/key.pem" 2>/dev/null \
+    || die "no key for $party in its volume (the simulated profile enrols party-1 and party-2)"
+  $DOCKER cp "$cid:/sim/policy.toml" "$out/policy.toml"
+  $DOCKER cp "$cid:/sim/plan.toml" "$out/plan.toml"
+  $DOCKER cp "$cid:/sim/initial_weights.npz" "$out/initial_weights.npz"
+  $DOCKER cp "$cid:/sim/platform" "$out/platform"
+  rm -f "$out/platform/sealing_secret"
+  head -c 32 /dev/urandom >"$out/platform/sealing_secret"
+  chmod 600 "$out/key.pem" "$out/platform/sealing_secret"
+  # The trainer image runs as uid 10001 (hfl): it must read these files.
+  if [ "$(id -u)" = 0 ]; then chown -R 10001:10001 "$out"; fi
+  say "wrote $out/{policy.toml,plan.toml,initial_weights.npz,key.pem,platform/} for $party"
+  [ "$(id -u)" = 0 ] || say "the trainer runs as uid 10001: sudo chown -R 10001:10001 $out"
+}
+
+trainer_compose() {
+  $COMPOSE_BIN -p "$TRAINER_PROJECT" -f deploy/compose.trainer.yaml "$@"
+}
+
+trainer_settings() {
+  export HFL_TRAINER_PARTY=${HFL_TRAINER_PARTY:-}
+  [ -n "$HFL_TRAINER_PARTY" ] || die "give the party: make $CMD PARTY=party-1"
+  TRAINER_PROJECT=${HFL_TRAINER_PROJECT:-hfl-$HFL_TRAINER_PARTY}
+  export HFL_TRAINER_PARTY_DIR=${HFL_TRAINER_PARTY_DIR:-build/parties/$HFL_TRAINER_PARTY}
+  export HFL_TRAINER_OUTPUT=${HFL_TRAINER_OUTPUT:-build/parties/$HFL_TRAINER_PARTY-model}
+  export HFL_TRAINER_IMAGE=${HFL_TRAINER_IMAGE:-hfl-trainer:$TAG}
+  export HFL_TRAINER_DATA=${HFL_TRAINER_DATA:-$PWD/deploy/data}
+  export HFL_TRAINER_AGGREGATOR=${HFL_TRAINER_AGGREGATOR:-}
+  export HFL_TRAINER_ATTESTATION=${HFL_TRAINER_ATTESTATION:-}
+}
+
+abspath() { (cd "$1" && pwd); }
+
+cmd_trainer_up() {
+  need_daemon
+  trainer_settings
+  local d=$HFL_TRAINER_PARTY_DIR f
+  [ -d "$d" ] || die "no party directory $d; make party PARTY=$HFL_TRAINER_PARTY writes one from a simulated deployment (or give PARTY_DIR=...)"
+  for f in policy.toml plan.toml key.pem; do
+    [ -s "$d/$f" ] || die "$d/$f is missing: a party directory holds policy.toml, plan.toml, initial_weights.npz, key.pem (and platform/ in simulation)"
+  done
+  [ -n "$HFL_TRAINER_AGGREGATOR" ] || die "give the aggregator's public address: AGGREGATOR=host:7401"
+  [ -n "$HFL_TRAINER_ATTESTATION" ] || die "give the attestation service's public address: ATTESTATION=host:7400"
+  [ -d "$HFL_TRAINER_DATA" ] || die "no data directory $HFL_TRAINER_DATA (DATA=...)"
+  have_image "$HFL_TRAINER_IMAGE" \
+    || die "no image $HFL_TRAINER_IMAGE; make up builds hfl-trainer, make trainer-image PROJECT=DIR a project's"
+  mkdir -p "$HFL_TRAINER_OUTPUT"
+  if [ "$(id -u)" = 0 ]; then chown 10001:10001 "$HFL_TRAINER_OUTPUT"; fi
+  # compose resolves relative bind paths against the compose file's directory: absolute ones
+  HFL_TRAINER_PARTY_DIR=$(abspath "$d")
+  HFL_TRAINER_OUTPUT=$(abspath "$HFL_TRAINER_OUTPUT")
+  HFL_TRAINER_DATA=$(abspath "$HFL_TRAINER_DATA")
+  say "starting $HFL_TRAINER_PARTY's trainer ($HFL_TRAINER_IMAGE, project $TRAINER_PROJECT) for aggregator $HFL_TRAINER_AGGREGATOR"
+  trainer_compose up -d --no-build || die "compose up of $HFL_TRAINER_PARTY's trainer failed (output above)"
+  cat <<EOF
+$HFL_TRAINER_PARTY's trainer is up (project $TRAINER_PROJECT); it exits 0 when the federation is done.
+  model:   $HFL_TRAINER_OUTPUT/ (model.keras, provenance.json, export-manifest.json: hfl verify-export)
+  follow:  $COMPOSE_BIN -p $TRAINER_PROJECT -f deploy/compose.trainer.yaml logs -f trainer
+  stop:    make trainer-down PARTY=$HFL_TRAINER_PARTY   (WIPE=1 removes its state volume)
+EOF
+}
+
+cmd_trainer_down() {
+  need_daemon
+  trainer_settings
+  local extra=()
+  [ "${WIPE:-0}" = 1 ] && extra=(--volumes)
+  # compose interpolates the whole file even to stop it: placeholders for what it requires.
+  HFL_TRAINER_AGGREGATOR=${HFL_TRAINER_AGGREGATOR:-unused:0} \
+    HFL_TRAINER_ATTESTATION=${HFL_TRAINER_ATTESTATION:-unused:0} \
+    HFL_TRAINER_PARTY_DIR=/nonexistent HFL_TRAINER_OUTPUT=/nonexistent \
+    trainer_compose down --remove-orphans "${extra[@]}"
+  if [ "${WIPE:-0}" = 1 ]; then
+    say "removed $HFL_TRAINER_PARTY's trainer and its state volume (project $TRAINER_PROJECT)"
+  else
+    say "removed $HFL_TRAINER_PARTY's trainer (project $TRAINER_PROJECT); its state volume is kept"
+  fi
+}
+
 CMD=${1:-}
 # Build and start logs stay where the user can read them (build/ is git-ignored).
 TMPD=build/compose
@@ -311,5 +428,8 @@ case "$CMD" in
   up) cmd_up ;;
   down) cmd_down ;;
   operator) cmd_operator ;;
-  *) echo "usage: $0 up|down|operator" >&2; exit 2 ;;
+  party) cmd_party ;;
+  trainer-up) cmd_trainer_up ;;
+  trainer-down) cmd_trainer_down ;;
+  *) echo "usage: $0 up|down|operator|party|trainer-up|trainer-down" >&2; exit 2 ;;
 esac

@@ -6,6 +6,14 @@
 #   make down WIPE=1             ... and the volumes: the next `make up` starts a new federation
 #   make operator                copy the operator key, policy and platform root out of the
 #                                volumes into build/operator (for hfl operator-cert, grpcurl)
+#   make party PARTY=party-1     copy what that party's own trainer needs (policy, plan,
+#                                its key, the simulated platform) into build/parties/party-1
+#   make trainer-up PARTY=party-1 AGGREGATOR=host:7401 ATTESTATION=host:7400 [DATA=dir]
+#                                one organisation's trainer alone, its own compose project
+#                                (deploy/compose.trainer.yaml); make trainer-down PARTY=...
+#   make trainer-image PROJECT=path/to/project
+#                                hfl-trainer-<name>:$(HFL_IMAGE_TAG): the trainer image plus a
+#                                federation project at /opt/hfl/project/<name> (measured)
 #   sudo make base-images        hfl's own base images from Debian packages (offline hosts)
 #   make sgx-images SGX_SIGNING_KEY=~/.config/gramine/enclave-key.pem PCCS_URL=https://...
 #                                build and sign the three SGX images (BuildKit secret)
@@ -25,7 +33,7 @@ SGX_SIGNING_KEY ?= $(HOME)/.config/gramine/enclave-key.pem
 COMPOSE_SH := deploy/compose.sh
 export PROFILE HFL_COMPOSE_PROJECT HFL_IMAGE_TAG HFL_SGX_IMAGE_TAG
 
-.PHONY: up down operator base-images sgx-images
+.PHONY: up down operator party trainer-up trainer-down trainer-image base-images sgx-images
 
 up:
 	@$(COMPOSE_SH) up
@@ -35,6 +43,27 @@ down:
 
 operator:
 	@$(COMPOSE_SH) operator
+
+party:
+	@HFL_PARTY_NAME="$(PARTY)" $(if $(PARTY_OUT),HFL_PARTY_OUT="$(PARTY_OUT)") $(COMPOSE_SH) party
+
+# Settings left empty are not passed: deploy/compose.sh has the defaults.
+TRAINER_ENV = HFL_TRAINER_PARTY="$(PARTY)" \
+	$(if $(AGGREGATOR),HFL_TRAINER_AGGREGATOR="$(AGGREGATOR)") \
+	$(if $(ATTESTATION),HFL_TRAINER_ATTESTATION="$(ATTESTATION)") \
+	$(if $(PARTY_DIR),HFL_TRAINER_PARTY_DIR="$(PARTY_DIR)") \
+	$(if $(DATA),HFL_TRAINER_DATA="$(DATA)") \
+	$(if $(OUTPUT),HFL_TRAINER_OUTPUT="$(OUTPUT)") \
+	$(if $(TRAINER_IMAGE),HFL_TRAINER_IMAGE="$(TRAINER_IMAGE)")
+
+trainer-up:
+	@$(TRAINER_ENV) $(COMPOSE_SH) trainer-up
+
+trainer-down:
+	@$(TRAINER_ENV) $(COMPOSE_SH) trainer-down
+
+trainer-image:
+	@$(if $(TRAINER_IMAGE),TRAINER_IMAGE="$(TRAINER_IMAGE)") deploy/trainer-image.sh "$(PROJECT)" $(IMAGE)
 
 base-images:
 	@deploy/base/build-base-images.sh
@@ -47,4 +76,5 @@ base-images:
 sgx-images:
 	@SGX_SIGNING_KEY="$(SGX_SIGNING_KEY)" HFL_ISVSVN="$(HFL_ISVSVN)" HFL_SGX_IMAGE_TAG="$(HFL_SGX_IMAGE_TAG)" \
 		PCCS_URL="$(PCCS_URL)" USE_SECURE_CERT="$(USE_SECURE_CERT)" \
-		GRAMINE_BUILD="$(GRAMINE_BUILD)" GRAMINE_POLICY_PY="$(GRAMINE_POLICY_PY)" deploy/sgx-images.sh
+		GRAMINE_BUILD="$(GRAMINE_BUILD)" GRAMINE_POLICY_PY="$(GRAMINE_POLICY_PY)" \
+		PROJECT="$(PROJECT)" deploy/sgx-images.sh

@@ -20,7 +20,10 @@
 # built (a flat federation).
 #
 # Settings (deploy/deploy.mk passes them): SGX_SIGNING_KEY, HFL_ISVSVN,
-# HFL_SGX_IMAGE_TAG, PCCS_URL, USE_SECURE_CERT, GRAMINE_BUILD, GRAMINE_POLICY_PY.
+# HFL_SGX_IMAGE_TAG, PCCS_URL, USE_SECURE_CERT, GRAMINE_BUILD, GRAMINE_POLICY_PY, and
+# PROJECT: a federation project directory for the trainer (its clean copy, the files
+# the identity measures, goes to deploy/config/project/<name>/ and into the trainer
+# image at /opt/hfl/project/<name>, listed as trusted files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,18 +47,37 @@ if ! $DOCKER buildx version >/dev/null 2>&1; then
   [ "${v%%.*}" -lt 23 ] 2>/dev/null \
     || die "needs BuildKit (the signing key is a build secret): install the docker buildx plugin, or use Debian's docker.io client"
 fi
+# The trainer's project, staged in the build context (the context is always given
+# deploy/config/project/, empty without a project).
+rm -rf deploy/config/project
+mkdir -p deploy/config/project
+touch deploy/config/project/.keep
+project_args=()
+if [ -n "${PROJECT:-}" ]; then
+  [ -f "$PROJECT/plan.toml" ] || die "$PROJECT has no plan.toml: not a federation project"
+  pname=$(basename "$(cd "$PROJECT" && pwd)")
+  [[ "$pname" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "project directory name '$pname' is not a package name"
+  mkdir -p "deploy/config/project/$pname"
+  (cd "$PROJECT" && find . \( -name '.*' ! -name . -o -name __pycache__ \) -prune -o \
+      -type f ! -name '*.pyc' -print0) \
+    | (cd "$PROJECT" && xargs -0 -r cp --parents -t "$OLDPWD/deploy/config/project/$pname")
+  project_args=(--build-arg "PROJECT_NAME=$pname")
+  echo "make sgx-images: the trainer gets project $pname (deploy/config/project/$pname)"
+fi
 net=()
 $DOCKER network inspect bridge >/dev/null 2>&1 || net=(--network host)
 
-build() {  # $1 service, $2 policy file in deploy/config
+build() {  # $1 service, $2 policy file in deploy/config, then extra build flags
   echo "make sgx-images: building and signing hfl-sgx-$1:$TAG with deploy/config/$2"
-  DOCKER_BUILDKIT=1 $DOCKER build "${net[@]}" -f deploy/docker/Dockerfile.sgx \
-    --build-arg "SERVICE=$1" --build-arg "POLICY_FILE=$2" \
+  local svc=$1 policy=$2
+  shift 2
+  DOCKER_BUILDKIT=1 $DOCKER build "${net[@]}" "$@" -f deploy/docker/Dockerfile.sgx \
+    --build-arg "SERVICE=$svc" --build-arg "POLICY_FILE=$policy" \
     --build-arg "ISVSVN=${HFL_ISVSVN:-1}" \
     --build-arg "PCCS_URL=${PCCS_URL:-https://localhost:8081/sgx/certification/v4/}" \
     --build-arg "USE_SECURE_CERT=${USE_SECURE_CERT:-true}" \
     --secret "id=sgx_signing_key,src=$KEY" \
-    -t "hfl-sgx-$1:$TAG" .
+    -t "hfl-sgx-$svc:$TAG" .
 }
 
 build_relay() {  # FROM the aggregator image just built: same site, policy and plan
@@ -93,6 +115,6 @@ for svc in "${pinned[@]}"; do roles+=(--role "$svc=$OUT/hfl-$svc.sig"); done
 "$PY" -m hfl_common.sigstruct --pin-into deploy/config/policy.toml "${roles[@]}" \
   --out deploy/config/policy.trainer.toml
 echo "make sgx-images: pinned ${pinned[*]} by MRENCLAVE in deploy/config/policy.trainer.toml"
-build trainer policy.trainer.toml
+build trainer policy.trainer.toml "${project_args[@]}"
 copy_sig trainer
 echo "make sgx-images: done; SIGSTRUCTs in $OUT/ (make policy writes the [roles] tables for review)"

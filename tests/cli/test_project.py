@@ -204,4 +204,23 @@ def test_hospitals_federate_and_take_the_model_home(tmp_path: Path) -> None:
     assert scores["examples"] == 114
     assert scores["accuracy"] >= 0.8  # a broken pipeline scores about 0.37 or 0.63 here
     assert scores["weights_sha256"] in digests
+
+    # Each export is signed by its trainer's enclave key under the federation CA, and
+    # the signer's quote verifies under the agreed policy: the trainer's MRENCLAVE (hfl's
+    # code and the project's) is the one the policy names.
+    verified = clikit.run_hfl(
+        "verify-export", str(workdir / "models" / "trainer-3"),
+        "--ca", str(workdir / "state" / "attestation" / "ca_cert.pem"),
+        "--plan", str(workdir / "plan.toml"), "--policy", str(workdir / "policy.toml"),
+        "--sim-platform", str(workdir / "platform"), timeout=120,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    report = json.loads(verified.stdout)
+    assert report["trainer"] == "trainer-3"
+    assert report["plan_sha256"] == plan.sha256_hex
+    platform = SimulatedPlatform.load(workdir / "platform", refresh_collateral=False)
+    assert (
+        report["trainer_mrenclave"]
+        == service_identity("trainer", platform, project=project).mrenclave.hex()
+    )
     assert clikit.processes_mentioning(str(workdir)) == []

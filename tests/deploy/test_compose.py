@@ -120,7 +120,12 @@ def test_simulated_services_read_policy_and_plan_from_the_bootstrapped_volume() 
     # The services mount /sim read-only: the sealing secret is made here.
     assert "simulated_sealing_secret" in script
     assert "/opt/hfl/libexec/check_sim_volume.py" in script
-    assert set(boot["volumes"]) == {"sim-platform:/sim", "sim-operator:/operator"}
+    assert set(boot["volumes"]) == {
+        "sim-platform:/sim",
+        "sim-operator:/operator",
+        "party-1-key:/parties/party-1",
+        "party-2-key:/parties/party-2",
+    }
     for name in SIMULATED:
         vols = svcs[name]["volumes"]
         assert "sim-platform:/sim:ro" in vols
@@ -140,6 +145,23 @@ def test_startup_order_follows_health() -> None:
     assert svcs["aggregator"]["depends_on"]["attestation"]["condition"] == "service_healthy"
     assert svcs["trainer-1"]["depends_on"]["aggregator"]["condition"] == "service_healthy"
     assert svcs["trainer-2-sgx"]["depends_on"]["aggregator-sgx"]["condition"] == "service_healthy"
+
+
+def test_each_party_key_is_mounted_by_its_own_trainer_only() -> None:
+    svcs = services()
+    script = svcs["sim-bootstrap"]["command"][0]
+    # hfl init writes every party's key into /sim; the bootstrap moves each out.
+    assert 'rm -f "/sim/parties/$$p.key.pem"' in script
+    assert 'test -s "/parties/$$p/party.key.pem"' in script
+    for name in SIMULATED:
+        vols = svcs[name]["volumes"]
+        keys = [v for v in vols if v.startswith("party-")]
+        if name.startswith("trainer-"):
+            assert keys == [f"party-{name[-1]}-key:/etc/hfl-party:ro"], (name, vols)
+            key = svcs[name]["environment"]["HFL_PARTY_KEY"]
+            assert key == "/etc/hfl-party/party.key.pem"
+        else:
+            assert keys == [], (name, vols)
 
 
 def test_trainers_are_distinct_parties() -> None:
@@ -356,7 +378,8 @@ def test_root_dockerignore_is_an_allow_list_covering_every_copy() -> None:
     assert "**/*.pem" in lines
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     for path in DOCKERFILES:
-        if path.name == "Dockerfile.sgx":
+        # Dockerfile.project's context is a clean copy of the project (trainer-image.sh).
+        if path.name in ("Dockerfile.sgx", "Dockerfile.project"):
             continue
         for sources in re.findall(r"^COPY\s+(?!--from)(.+)\s+\S+$", path.read_text(), flags=re.M):
             for raw in sources.split():
@@ -405,3 +428,98 @@ def test_sgx_images_without_a_signing_key_says_where_it_looked(tmp_path: Path) -
         f"make sgx-images: no enclave signing key at {tmp_path / 'missing.pem'} "
         "(SGX_SIGNING_KEY=...)"
     )
+
+
+# --- one organisation's trainer (deploy/compose.trainer.yaml) ----------------------------
+
+TRAINER_COMPOSE = DEPLOY / "compose.trainer.yaml"
+PARTY_ENV = {
+    "HFL_TRAINER_PARTY": "party-1",
+    "HFL_TRAINER_AGGREGATOR": "central.example.org:7401",
+    "HFL_TRAINER_ATTESTATION": "central.example.org:7400",
+    "HFL_TRAINER_PARTY_DIR": "/srv/hfl/party-1",
+    "HFL_TRAINER_OUTPUT": "/srv/hfl/model",
+}
+
+
+def trainer_compose_config(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    tool = require_tool("docker-compose", "docker-compose")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("HFL_", "COMPOSE_"))}
+    return subprocess.run(
+        [tool, "-f", str(TRAINER_COMPOSE), "config"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env={**base, **env},
+    )
+
+
+def test_trainer_compose_knows_only_public_addresses_its_own_files_and_data() -> None:
+    proc = trainer_compose_config(PARTY_ENV)
+    assert proc.returncode == 0, proc.stderr
+    config = yaml.safe_load(proc.stdout)
+    assert set(config["services"]) == {"trainer"}
+    trainer = config["services"]["trainer"]
+    env = trainer["environment"]
+    assert env["HFL_AGGREGATOR"] == "central.example.org:7401"
+    assert env["HFL_ATTESTATION"] == "central.example.org:7400"
+    assert (env["HFL_PARTY"], env["HFL_PARTY_KEY"]) == ("party-1", "/party/key.pem")
+    assert env["HFL_POLICY"].startswith("/party/")
+    assert env["HFL_PLAN"].startswith("/party/")
+    # docker-compose 1.29 prints short syntax: SOURCE:TARGET:MODE
+    mounts = {
+        (v.split(":")[0], v.split(":")[1], v.split(":")[2] == "ro") for v in trainer["volumes"]
+    }
+    named = {m for m in mounts if not m[0].startswith("/")}
+    binds = mounts - named
+    # One named volume, its own state; nothing shared with the central services.
+    assert named == {("trainer-state", "/var/lib/hfl", False)}
+    assert ("/srv/hfl/party-1", "/party", True) in binds
+    assert ("/srv/hfl/model", "/output", False) in binds
+    assert {t for _s, t, _ro in binds} == {"/party", "/data", "/output"}
+    assert {t for _s, t, ro in binds if ro} == {"/party", "/data"}
+    assert "depends_on" not in trainer
+    assert "networks" not in config or set(config["networks"]) <= {"default"}
+    assert trainer["cap_drop"] == ["ALL"]
+    assert trainer["read_only"] is True
+    assert all(p.startswith("127.0.0.1:") for p in trainer.get("ports", []))
+
+
+@pytest.mark.parametrize(
+    ("missing", "says"),
+    [
+        ("HFL_TRAINER_AGGREGATOR", "aggregator's public address"),
+        ("HFL_TRAINER_ATTESTATION", "attestation service's public address"),
+        ("HFL_TRAINER_PARTY_DIR", "party directory"),
+    ],
+)
+def test_trainer_compose_refuses_to_start_without_what_a_party_must_give(
+    missing: str, says: str
+) -> None:
+    proc = trainer_compose_config({k: v for k, v in PARTY_ENV.items() if k != missing})
+    assert proc.returncode != 0
+    assert says in proc.stderr, proc.stderr
+
+
+def test_project_image_adds_only_the_project_and_passes_it_to_the_trainer() -> None:
+    text = (DOCKER / "Dockerfile.project").read_text()
+    assert froms(DOCKER / "Dockerfile.project") == ["${TRAINER_IMAGE}"]
+    assert "COPY project/ /opt/hfl/project/${PROJECT_NAME}/" in text
+    assert "ENV HFL_PROJECT=/opt/hfl/project/${PROJECT_NAME}" in text
+    assert not re.search(r"^USER ", text, flags=re.M)  # the base image's user hfl
+    script = (DEPLOY / "trainer-image.sh").read_text()
+    # The build context is a copy of what the identity measures, nothing else.
+    assert "-name __pycache__" in script
+    assert "! -name '*.pyc'" in script
+
+
+def test_sgx_trainer_image_measures_a_project_only_in_the_trainer() -> None:
+    dockerfile = (DOCKER / "Dockerfile.sgx").read_text()
+    assert "COPY deploy/config/project/ /opt/hfl/project/" in dockerfile
+    assert 'HFL_PROJECT_DIR="$project"' in dockerfile
+    assert 'test "${SERVICE}" = trainer' in dockerfile
+    script = (DEPLOY / "sgx-images.sh").read_text()
+    assert 'build trainer policy.trainer.toml "${project_args[@]}"' in script
+    assert 'build "$svc" policy.toml\n' in script  # the central services get no project
+    assert "! -name '*.pyc'" in script

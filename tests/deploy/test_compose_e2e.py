@@ -4,7 +4,9 @@ Driven only through the public surface: `make up` / `make operator` / `make
 down`, the Docker CLI, Prometheus's HTTP API, `hfl operator-cert` and grpcurl
 through the published ports. The test uses its own compose project and image
 tag (HFL_COMPOSE_PROJECT=hfle2e, HFL_IMAGE_TAG=e2e), starts from nothing (no such
-containers, volumes or images) and removes what it made at the end.
+containers, volumes or images) and removes what it made at the end: the containers,
+volumes and network at once, the images when the session ends (conftest.py's
+images_to_remove), so that tests/deploy/test_compose_trainer_only.py reuses them.
 
 Marked `docker` and `slow` (`make test-fast` skips it). Without a Docker
 daemon it is skipped with the reason shown, except where HFL_REQUIRE_DOCKER=1
@@ -118,9 +120,10 @@ def project_leftovers() -> list[str]:
     return found
 
 
-def remove_everything() -> None:
+def remove_everything(images: bool = True) -> None:
     run("make", "--no-print-directory", "down", "WIPE=1", check=False, timeout=300)
-    docker("rmi", *IMAGES, check=False)
+    if images:
+        docker("rmi", *IMAGES, check=False)
 
 
 def prometheus(path: str, **params: str) -> Any:
@@ -204,7 +207,9 @@ def ensure_base_images() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, images_to_remove: set[str]
+) -> Iterator[Deployment]:
     reason = docker_available()
     if reason is not None:
         if os.environ.get("HFL_REQUIRE_DOCKER") == "1":
@@ -235,9 +240,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         for cid in docker("ps", "-a", "-q", "--filter", label, check=False).stdout.split():
             logs = docker("logs", "--tail", "15", cid, check=False)
             print(f"--- {cid} (last lines)\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
-        remove_everything()
-        for image in built_bases:
-            docker("rmi", image, check=False)
+        remove_everything(images=False)
+        images_to_remove.update(IMAGES)
+        images_to_remove.update(built_bases)
 
 
 def test_make_up_prints_where_everything_is(deployment: Deployment) -> None:

@@ -14,6 +14,9 @@ def test_project_dir_becomes_trusted_files_and_the_trainers_project_flag() -> No
     without = tomllib.loads(render_text("trainer"))
 
     assert "file:/opt/hfl/project/clinic/" in with_project["sgx"]["trusted_files"]
+    mounts = {m["path"]: m.get("uri") for m in with_project["fs"]["mounts"]}
+    assert mounts["/opt/hfl/project/clinic"] == "file:/opt/hfl/project/clinic"
+    assert "/opt/hfl/project/clinic" not in {m["path"] for m in without["fs"]["mounts"]}
     argv = with_project["loader"]["argv"]
     assert argv[argv.index("--project") + 1] == "/opt/hfl/project/clinic"
     assert "--project" not in without["loader"]["argv"]

@@ -3,6 +3,7 @@
     hfl run            a whole local federation (simulated TEE), the first thing to try
     hfl new            write a federation project you own (model.py, data.py, plan.toml)
     hfl evaluate       evaluate a model a federation exported, on local data
+    hfl verify-export  check an exported model's signature, certificate chain and hashes
     hfl attestation    the attestation service (federation CA)
     hfl aggregator     the aggregator (parameter server)
     hfl trainer        a trainer
@@ -28,8 +29,8 @@ from hfl_common.config import DATASETS, MODELS, STRATEGIES
 from hfl_common.runtime import run_main
 
 COMMANDS = (
-    "run", "new", "evaluate", "attestation", "aggregator", "trainer", "verify", "status",
-    "operator-cert", "init",
+    "run", "new", "evaluate", "verify-export", "attestation", "aggregator", "trainer", "verify",
+    "status", "operator-cert", "init",
 )  # fmt: skip
 
 
@@ -195,13 +196,23 @@ def _init_main(argv: Sequence[str] | None) -> int:
     )
     p.add_argument("directory", type=Path)
     p.add_argument("--trainers", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=int, help="default 10, or the project plan's")
+    p.add_argument(
+        "--project", type=Path,
+        help="a federation project (hfl new): its plan, and the trainer identity with its code",
+    )  # fmt: skip
     ns = p.parse_args(argv)
     if (ns.directory / "policy.toml").exists():
         # Re-running must not change identities or keys: the services' state depends on them.
         print(f"{ns.directory} is already initialised; leaving it as it is")
         return 0
-    prepared = prepare(ns.directory, PlanOptions(trainers=ns.trainers, rounds=ns.rounds))
+    options = PlanOptions(
+        trainers=ns.trainers,
+        rounds=10 if ns.rounds is None else ns.rounds,
+        project=ns.project,
+        project_rounds=ns.rounds,
+    )
+    prepared = prepare(ns.directory, options)
     print(
         f"wrote {prepared.policy}, {prepared.plan}, {prepared.platform}/, "
         f"{prepared.operator_dir}/, {prepared.directory / 'parties'}/"
@@ -230,6 +241,7 @@ _DISPATCH: dict[str, Callable[[Sequence[str] | None], int]] = {
     "aggregator": _lazy("hfl_aggregator.main", "main"),
     "trainer": _lazy("hfl_trainer.main", "main"),
     "verify": _lazy("hfl_common.verify_cli", "verify_main"),
+    "verify-export": _lazy("hfl_common.export_signature", "verify_main"),
     "status": lambda argv: run_main(_lazy("hfl_cli.operator", "status_main"), argv),
     "operator-cert": lambda argv: run_main(_lazy("hfl_cli.operator", "operator_cert_main"), argv),
 }

@@ -211,6 +211,11 @@ class EnclaveKey:
         """Sign a certificate (self-signed RA-TLS, or a leaf when this key is a CA's)."""
         return builder.sign(self._private_key, self.SIGNATURE_HASH())
 
+    def sign(self, data: bytes) -> bytes:
+        """An ECDSA (SHA-384, DER) signature over `data`: e.g. an exported model's manifest
+        (hfl_common.export_signature), verifiable with this key's federation certificate."""
+        return self._private_key.sign(data, ec.ECDSA(self.SIGNATURE_HASH()))
+
     def private_key_pem_for_grpc(self) -> bytes:
         """The private key as unencrypted PKCS#8 PEM, only for grpc.ssl_*_credentials.
 

@@ -26,6 +26,11 @@ call GetStatus. Under client-side DP in asynchronous mode no aggregator ledger
 exists (refused there: a trainer may send several updates per buffer); the
 provenance then states this trainer's own guarantee for the noised updates it sent.
 
+With a signer (every trainer that attested: hfl_trainer.main passes its enclave key
+and federation certificate) the directory also gets ``export-manifest.json``,
+``export-manifest.sig`` and ``signer.pem`` (hfl_common.export_signature): the hashes of
+both files signed by the trainer's enclave key, which ``hfl verify-export`` checks.
+
 Files are written to a temporary name and renamed, so a reader never sees half a model.
 """
 
@@ -47,6 +52,7 @@ import numpy as np
 
 from hfl_common.api import aggregator_pb2
 from hfl_common.config import FederationPlan
+from hfl_common.export_signature import ExportSigner, sign_export
 from hfl_trainer.models import set_weights, weights_npz_bytes
 from hfl_trainer.privacy import local_epsilon
 from hfl_trainer.training import EvalResult
@@ -63,6 +69,8 @@ class Exported:
     model: Path
     provenance: Path
     weights_sha256: str
+    # export-manifest.json, when a signer signed the export
+    manifest: Path | None = None
 
 
 def weights_sha256(weights: Mapping[str, np.ndarray]) -> str:
@@ -82,8 +90,10 @@ def export_model(
     aggregator_mrenclave: str,
     evaluation: EvalResult | None,
     privacy: Mapping[str, Any] | None = None,
+    signer: ExportSigner | None = None,
 ) -> Exported:
-    """Write ``model.keras`` and ``provenance.json`` into ``output_dir``."""
+    """Write ``model.keras`` and ``provenance.json`` into ``output_dir``; with `signer`,
+    their manifest signed by the trainer's enclave key (hfl_common.export_signature)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     set_weights(model, weights)
     digest = weights_sha256(weights)
@@ -132,6 +142,18 @@ def export_model(
     tmp = output_dir / f".{PROVENANCE_FILE}.tmp"
     tmp.write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, provenance_path)
+    manifest = None
+    if signer is not None:
+        manifest = sign_export(
+            output_dir,
+            [MODEL_FILE, PROVENANCE_FILE],
+            signer,
+            plan_sha256=plan.sha256_hex,
+            model_version=model_version,
+            rounds_completed=rounds_completed,
+            trainer=label,
+            aggregator_mrenclave=aggregator_mrenclave,
+        )
     log.info(
         "final model (version %d, %d rounds) written to %s; weights sha256 %s",
         model_version,
@@ -139,7 +161,7 @@ def export_model(
         model_path,
         digest,
     )
-    return Exported(model_path, provenance_path, digest)
+    return Exported(model_path, provenance_path, digest, manifest)
 
 
 def load_exported(path: Path, project: Path | None = None) -> keras.Model:

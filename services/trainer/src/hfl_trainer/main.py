@@ -36,6 +36,7 @@ from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc
 from hfl_common.attest_client import AttestedRoleAuthorizer, connect_verified
 from hfl_common.config import FederationPlan, load_plan
 from hfl_common.errors import ConfigError, FailedPreconditionError
+from hfl_common.export_signature import ExportSigner
 from hfl_common.logs import configure_logging
 from hfl_common.metrics import start_metrics_http
 from hfl_common.runtime import (
@@ -303,6 +304,11 @@ def build_trainer(config: TrainerConfig, registry: CollectorRegistry) -> Running
             aggregator_mrenclave=measured,
             evaluation=evaluation,
             privacy=privacy_provenance(plan, client.final_privacy, client.dp_releases),
+            # Signed with the enclave key under the certificate current now (the
+            # renewer keeps one valid): `hfl verify-export` checks it.
+            signer=ExportSigner(
+                credentials.key, credentials.current.cert_pem, credentials.current.ca_pem
+            ),
         )
 
     client = FederationClient(
