@@ -94,6 +94,9 @@ COMPOSE_SERVICE = {
 }
 # Claims a party provides itself (the trainer's own data).
 EXTERNAL_CLAIMS = {"hfl-trainer-data"}
+# Secrets a party creates itself in its own namespace (its enrolment key, for the SGX
+# trainer overlay it builds on: docs/kubernetes.md, "The party's enrolment key").
+EXTERNAL_SECRETS = {"hfl-party-key"}
 # Pod Security Standards `restricted` (v1.32): the volume types it allows.
 RESTRICTED_VOLUMES = {
     "configMap",
@@ -926,7 +929,8 @@ def test_every_referenced_configmap_secret_and_claim_is_rendered(rendered: Rende
         for vol in spec.get("volumes", []):
             if "configMap" in vol and ("ConfigMap", vol["configMap"]["name"]) not in names:
                 missing.append(f"{where}: ConfigMap {vol['configMap']['name']}")
-            if "secret" in vol and ("Secret", vol["secret"]["secretName"]) not in names:
+            secret = vol.get("secret", {}).get("secretName")
+            if secret and secret not in EXTERNAL_SECRETS and ("Secret", secret) not in names:
                 missing.append(f"{where}: Secret {vol['secret']['secretName']}")
             claim = vol.get("persistentVolumeClaim", {}).get("claimName")
             if (
@@ -1561,3 +1565,27 @@ def test_the_documented_relays_table_makes_the_hfl_init_plan_a_tiered_one(sim_di
     group = relay_engine_plan(plan)
     assert group.min_trainers == 1
     assert "relay" in tomllib.loads((sim_dir / "policy.toml").read_text())["roles"]
+
+
+def test_the_sgx_trainer_reads_its_party_key_where_the_enclave_may(
+    rendered_sgx: dict[str, Rendered],
+) -> None:
+    """An SGX trainer enrolled by its party: HFL_PARTY from the party's ConfigMap, the key
+    from the party's own Secret at a path gramine/trainer.manifest.template lets the
+    enclave open (an allowed file); compose's SGX trainers mount it at the same place."""
+    manifest = render_manifest("trainer")
+    allowed = [u.removeprefix("file:") for u in manifest["sgx"]["allowed_files"]]
+    workload = rendered_sgx["trainer/overlays/sgx"].find("Deployment", "trainer")
+    env = env_of(service_container(workload), rendered_sgx["trainer/overlays/sgx"])
+    key = env["HFL_PARTY_KEY"]
+    assert env["HFL_PARTY"], "HFL_PARTY must name the party"
+    assert any(key.startswith(a) if a.endswith("/") else key == a for a in allowed), (
+        f"HFL_PARTY_KEY={key} is not an allowed file of the trainer manifest: {allowed}"
+    )
+    assert _party_key_mount(workload, key).get("readOnly") is True
+    for name in ("trainer-1-sgx", "trainer-2-sgx"):
+        svc = compose_services()[name]
+        assert svc["environment"]["HFL_PARTY_KEY"] == key, name
+        assert _compose_mounts(name).get(key.rpartition("/")[0]) is True, (
+            f"compose {name} does not mount the party key read-only at {key}"
+        )
