@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from hfl_aggregator.model_cache import ModelCache
+from hfl_aggregator.model_cache import DOWNLOAD_CHUNK_BYTES, ModelCache
 from hfl_common.api import tensor_pb2
 from hfl_common.codec import collect_stream, encode_tensors, iter_download_messages, specs_of
 
@@ -110,3 +110,16 @@ def test_each_version_and_encoding_is_encoded_on_its_own() -> None:
     assert [m.SerializeToString() for m in second.download_messages(4, PLAN)] == old_path(
         2, b, tensor_pb2.ENCODING_RAW, 1 << 20
     )
+
+
+def test_downloads_are_served_in_chunks_of_at_most_256_kib_by_default() -> None:
+    weights = {"w": np.arange(1 << 18, dtype=np.float32)}  # 1 MiB
+    encoded = ModelCache().get(1, weights)
+    messages = list(encoded.download_messages(1, PLAN))
+    sizes = [len(m.chunk.data) for m in messages if m.WhichOneof("part") == "chunk"]
+    assert sizes == [DOWNLOAD_CHUNK_BYTES] * 4
+    assert DOWNLOAD_CHUNK_BYTES == 256 * 1024
+    _, arrays = collect_stream(
+        messages, max_total_bytes=encoded.total_bytes + 1, expected=specs_of(weights)
+    )
+    assert arrays["w"].tobytes() == weights["w"].tobytes()

@@ -48,6 +48,7 @@ from hfl_common.server import (
     role_san,
     server_credentials,
 )
+from hfl_common.server.running import stream_window_options
 
 AGGREGATOR = "hfl.v1.AggregatorService"
 TRAINER_ID = "00a1b2c3"
@@ -937,3 +938,47 @@ def test_limits_refuse_nonsense_configuration() -> None:
         ServerConfig(service="x", max_workers=4, limits=CallLimits(control_reserve=4))
     with pytest.raises(ConfigError, match="idle_seconds 5 must be positive and at most"):
         StreamLimits(idle_seconds=5, max_seconds=1)
+
+
+def test_a_fixed_stream_window_turns_bdp_probing_off_and_sets_the_window() -> None:
+    fixed = ServerConfig(service="aggregator", stream_window_bytes=1 << 20)
+    assert stream_window_options(fixed) == [
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", 1 << 20),
+    ]
+    assert stream_window_options(ServerConfig(service="aggregator")) == []
+
+
+def test_uploads_larger_than_a_fixed_stream_window_arrive_whole(pki: Pki) -> None:
+    registry = CollectorRegistry()
+    running = build_server(
+        replace(CONFIG, stream_window_bytes=65535),
+        services=[registration()],
+        credentials=server_credentials(pki.server_certificate()),
+        registry=registry,
+        authorizer=AUTHORIZER,
+    )
+    with running:
+        stub = Served(running, registry, pki).stub()
+        uploads = [
+            aggregator_pb2.UploadUpdateRequest(
+                chunk=tensor_pb2.TensorChunk(offset=i << 18, data=bytes(1 << 18))
+            )
+            for i in range(16)
+        ]
+        result = stub.UploadUpdate(iter(uploads), timeout=30)
+    assert result.round == 16
+    received = registry.get_sample_value(
+        "hfl_grpc_received_bytes_total", {"service": AGGREGATOR, "method": "UploadUpdate"}
+    )
+    assert received == sum(u.ByteSize() for u in uploads)
+
+
+@pytest.mark.parametrize("window", [1000, 1 << 31])
+def test_server_config_refuses_a_stream_window_outside_http2s_range(window: int) -> None:
+    with pytest.raises(ConfigError) as caught:
+        ServerConfig(service="aggregator", stream_window_bytes=window)
+    assert str(caught.value) == (
+        f"server.stream_window_bytes {window} is outside 65535..2147483647; e.g. 1048576, "
+        "or leave it unset for gRPC's BDP probing"
+    )

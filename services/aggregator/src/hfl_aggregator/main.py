@@ -70,6 +70,13 @@ DEFAULT_MAX_WORKERS = 64
 
 TICK_SECONDS = 0.5
 
+# Each upload stream's HTTP/2 receive window: with gRPC's BDP probing instead, every
+# connected uploader could hold megabytes in the aggregator before its handler read
+# them (4 MB model x 64 trainers, with 256 KiB download chunks: peak RSS 360 MB at
+# 1 MiB vs 563 MB probing; docs/performance.md). It bounds one upload to about
+# 1 MiB per round trip (about 10 MB/s at 100 ms): raise it for far trainers.
+DEFAULT_STREAM_WINDOW_BYTES = 1 << 20
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hfl aggregator", description=__doc__.splitlines()[0])
@@ -87,6 +94,11 @@ def parser() -> argparse.ArgumentParser:
         "--max-workers", type=int, default=DEFAULT_MAX_WORKERS,
         help="gRPC worker threads: a trainer's long-poll holds one, so allow about two per "
         "trainer plus a few (calls beyond the limit are refused RESOURCE_EXHAUSTED and retried)",
+    )  # fmt: skip
+    p.add_argument(
+        "--stream-window-bytes", type=int, default=DEFAULT_STREAM_WINDOW_BYTES,
+        help="HTTP/2 receive window of each upload stream (memory held per uploader; an "
+        "upload moves at most this much per round trip); 0: gRPC's BDP probing",
     )  # fmt: skip
     return p
 
@@ -129,6 +141,8 @@ class AggregatorConfig:
     upload_slots: int = 1
     # Worker threads of the gRPC server (long-polls hold one each; see --max-workers).
     max_workers: int = DEFAULT_MAX_WORKERS
+    # HTTP/2 receive window per stream (--stream-window-bytes); None: BDP probing.
+    stream_window_bytes: int | None = DEFAULT_STREAM_WINDOW_BYTES
     # How long an upload stream may stay open without sending its header.
     header_timeout_seconds: float = 10.0
     tick_seconds: float = TICK_SECONDS
@@ -166,6 +180,7 @@ class AggregatorConfig:
             metrics_listen=ns.metrics_listen,
             upload_slots=ns.upload_slots,
             max_workers=ns.max_workers,
+            stream_window_bytes=ns.stream_window_bytes or None,
         )
 
 
@@ -286,6 +301,7 @@ def build_aggregator(config: AggregatorConfig, registry: CollectorRegistry) -> R
                 grace_seconds=config.grace_seconds,
                 max_workers=config.max_workers,
                 limits=config.call_limits,
+                stream_window_bytes=config.stream_window_bytes,
             ),
             services=[
                 ServiceRegistration(

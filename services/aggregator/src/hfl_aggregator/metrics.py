@@ -34,6 +34,7 @@ class AggregatorMetrics:
     staleness: Histogram
     model_versions_per_second: Gauge
     dp_epsilon: Gauge
+    heap_trims: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> AggregatorMetrics:
@@ -117,6 +118,12 @@ class AggregatorMetrics:
             dp_epsilon=Gauge(
                 p + "dp_epsilon",
                 "Differential privacy spent so far: epsilon at the plan's delta (0 without DP)",
+                registry=registry,
+            ),
+            heap_trims=Counter(
+                p + "heap_trims",
+                "malloc_trim calls after a round, by result (released, none, unavailable)",
+                ["result"],
                 registry=registry,
             ),
         )

@@ -40,7 +40,7 @@ from hfl_aggregator.engine import (
     party_of,
 )
 from hfl_aggregator.metrics import AggregatorMetrics
-from hfl_aggregator.model_cache import ModelCache
+from hfl_aggregator.model_cache import DOWNLOAD_CHUNK_BYTES, ModelCache
 from hfl_common.api import aggregator_pb2, aggregator_pb2_grpc, tensor_pb2
 from hfl_common.codec import check_specs, collect_stream
 from hfl_common.codec.dtypes import native_dtype
@@ -142,7 +142,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         simulated_of: Callable[[PeerIdentity], bool] = lambda _peer: False,
         tee_simulated: bool = False,
         federation_id: str = "",
-        chunk_bytes: int = 1 << 20,
+        chunk_bytes: int = DOWNLOAD_CHUNK_BYTES,
         upload_slots: int = 1,
         header_timeout_seconds: float = 10.0,
         join_guard: Callable[[PeerIdentity], None] | None = None,

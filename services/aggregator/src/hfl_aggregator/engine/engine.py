@@ -74,6 +74,7 @@ from hfl_aggregator.engine.schedule import (
     sample,
     staleness_weight,
 )
+from hfl_aggregator.heap import trim_heap
 from hfl_aggregator.metrics import AggregatorMetrics
 from hfl_aggregator.strategies import Strategy
 from hfl_aggregator.strategies.central_dp import PrivateStrategy
@@ -889,6 +890,11 @@ class RoundEngine:
             pending = self._take_checkpoint()
             self._cond.notify_all()
         self._write(pending)
+        # The round's freed chunk buffers back to the kernel (hfl_aggregator.heap).
+        trimmed = trim_heap()
+        self.metrics.heap_trims.labels(
+            result="unavailable" if trimmed is None else "released" if trimmed else "none"
+        ).inc()
         return True
 
     def adopt(self, version: int, weights: Weights) -> bool:

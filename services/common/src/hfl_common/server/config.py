@@ -134,6 +134,11 @@ class CallLimits:
         return self.stream_overrides.get(method, self.streams)
 
 
+# HTTP/2's default window (RFC 9113) and its largest (2^31 - 1).
+MIN_STREAM_WINDOW_BYTES = 65535
+MAX_STREAM_WINDOW_BYTES = (1 << 31) - 1
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """How a service's gRPC server listens. Built once in main() and passed down.
@@ -161,6 +166,11 @@ class ServerConfig:
     # current_peer(), and reach only `limits.anonymous_methods`.
     require_client_auth: bool = True
     limits: CallLimits = field(default_factory=CallLimits)
+    # HTTP/2 receive window of each stream in bytes: how much of an upload gRPC takes in
+    # before the handler reads it. None: gRPC's BDP probing grows it with the measured
+    # bandwidth-delay product (on loopback, megabytes per stream, held for every
+    # connected uploader). A number turns the probing off and fixes it (docs/performance.md).
+    stream_window_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not self.service:
@@ -178,6 +188,14 @@ class ServerConfig:
                     f"server.{name} {value} is below 65536; "
                     "messages carry 1 MiB tensor chunks, use the default 4194304"
                 )
+        if self.stream_window_bytes is not None and not (
+            MIN_STREAM_WINDOW_BYTES <= self.stream_window_bytes <= MAX_STREAM_WINDOW_BYTES
+        ):
+            raise ConfigError(
+                f"server.stream_window_bytes {self.stream_window_bytes} is outside "
+                f"{MIN_STREAM_WINDOW_BYTES}..{MAX_STREAM_WINDOW_BYTES}; e.g. 1048576, or "
+                "leave it unset for gRPC's BDP probing"
+            )
         if self.grace_seconds < 0:
             raise ConfigError(f"server.grace_seconds {self.grace_seconds} is negative")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:

@@ -200,6 +200,16 @@ class RunningServer:
         self.stop(0)
 
 
+def stream_window_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """gRPC arguments for `config.stream_window_bytes` (none when unset: BDP probing)."""
+    if config.stream_window_bytes is None:
+        return []
+    return [
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", config.stream_window_bytes),
+    ]
+
+
 def build_server(
     config: ServerConfig,
     *,
@@ -254,6 +264,7 @@ def build_server(
         ("grpc.max_concurrent_streams", SERVER_MAX_CONCURRENT_STREAMS),
         # one process per port: never share a port with a stale server by accident
         ("grpc.so_reuseport", 0),
+        *stream_window_options(config),
     ]
     executor = futures.ThreadPoolExecutor(
         max_workers=config.max_workers, thread_name_prefix=f"hfl-{config.service}-grpc"
